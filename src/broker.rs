@@ -1,0 +1,171 @@
+//! Broker connection: parses and redacts URLs, connects with heartbeats and a
+//! timeout, cycles through cluster nodes, and declares each queue's topology
+//! (work queue, one retry queue per backoff delay, dead-letter queue).
+
+use crate::config::{BrokerConfig, QueueConfig};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// Parses a broker URL. The error text never contains the password.
+pub fn parse_uri(url: &str) -> Result<AMQPUri, String> {
+    url.parse::<AMQPUri>().map_err(|e| {
+        format!(
+            "invalid broker URL {}: {}",
+            redact(url),
+            redact_text(&e, url)
+        )
+    })
+}
+
+/// The URL with its password replaced by `***`, for logs and messages.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            format!("{}{}@{}", &url[..scheme_end + 3], masked, &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Removes the password of `url` from an error text, in case it was quoted.
+fn redact_text(text: &str, url: &str) -> String {
+    match url.parse::<AMQPUri>() {
+        Ok(uri) if !uri.authority.userinfo.password.is_empty() => {
+            text.replace(&uri.authority.userinfo.password, "***")
+        }
+        _ => text.to_owned(),
+    }
+}
+
+/// Connects to one URL with the configured heartbeat and timeout.
+pub async fn connect(url: &str, broker: &BrokerConfig, name: &str) -> Result<Connection, String> {
+    let mut uri = parse_uri(url)?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(broker.heartbeat.as_secs().min(u64::from(u16::MAX)) as u16);
+    }
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(broker.connect_timeout, Connection::connect_uri(uri, props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to {}: {}",
+            redact(url),
+            redact_text(&e.to_string(), url)
+        )),
+        Err(_) => Err(format!(
+            "cannot connect to {}: no answer within {:?}",
+            redact(url),
+            broker.connect_timeout
+        )),
+    }
+}
+
+/// Tries each URL once, starting at `start`; returns the connection and the
+/// index of the URL that answered, or the last error.
+pub async fn connect_any(
+    broker: &BrokerConfig,
+    start: usize,
+    name: &str,
+) -> Result<(Connection, usize), String> {
+    let n = broker.urls.len();
+    let mut last = String::new();
+    for i in 0..n {
+        let index = (start + i) % n;
+        match connect(&broker.urls[index], broker, name).await {
+            Ok(conn) => return Ok((conn, index)),
+            Err(e) => {
+                tracing::warn!("{e}");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Declares the queue, its retry queues and its dead-letter queue, all durable.
+pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<(), String> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    declare(channel, &queue.name, durable, FieldTable::default()).await?;
+    declare(channel, &queue.dead_queue(), durable, FieldTable::default()).await?;
+    let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
+    for delay in delays {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay.as_millis() as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(queue.name.as_str())),
+        );
+        declare(channel, &queue.retry_queue(delay), durable, args).await?;
+    }
+    Ok(())
+}
+
+async fn declare(
+    channel: &Channel,
+    name: &str,
+    options: QueueDeclareOptions,
+    args: FieldTable,
+) -> Result<(), String> {
+    channel
+        .queue_declare(name.into(), options, args)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent arg") {
+                format!(
+                    "queue \"{name}\" already exists with other arguments ({text}); \
+                     delete it, make the config match, or set declare = false to use it as it is"
+                )
+            } else {
+                format!("cannot declare queue \"{name}\": {text}")
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host/%2f"), "amqp://host/%2f");
+        assert_eq!(redact("amqps://u@h"), "amqps://u@h");
+        assert_eq!(redact("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        assert!(
+            !parse_uri("amqp://u:topsecret@h:notaport/")
+                .unwrap_err()
+                .contains("topsecret")
+        );
+    }
+}

@@ -1,0 +1,521 @@
+//! The command-line tools beside `run`: `publish` (test messages with
+//! confirms), `check` (config, commands, broker), and `dead` (list, replay and
+//! purge dead letters).
+
+use crate::config::{self, Config, dead_queue_name};
+use crate::job::{
+    ATTEMPT_HEADER, ATTEMPTS_HEADER, EXIT_HEADER, FAILED_AT_HEADER, QUEUE_HEADER, STDERR_HEADER,
+};
+use crate::{broker, consumer, headers, publish};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Exit status when the broker cannot be reached (sysexits.h `EX_UNAVAILABLE`).
+pub const EX_UNAVAILABLE: i32 = 69;
+
+/// A failed command: what to print and the exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<config::ConfigError> for Failure {
+    fn from(e: config::ConfigError) -> Self {
+        Failure::new(config::EX_CONFIG, e.to_string())
+    }
+}
+
+/// Broker settings for the CLI tools: `--url`/`AMQP_URL`, else the config
+/// file's when one is named or exists at the default path, else localhost.
+pub fn broker_for_cli(
+    url: Option<&str>,
+    config_path: &std::path::Path,
+    config_named: bool,
+) -> Result<config::BrokerConfig, Failure> {
+    let base = if config_named || config_path.exists() {
+        config::load(config_path, url)?.broker
+    } else {
+        config::parse(
+            "[[queue]]\nname = \"x\"\ncommand = [\"x\"]\n",
+            std::path::Path::new("(defaults)"),
+            url,
+        )?
+        .broker
+    };
+    Ok(base)
+}
+
+async fn open(broker: &config::BrokerConfig, what: &str) -> Result<(Connection, Channel), Failure> {
+    let (conn, _) = broker::connect_any(broker, 0, &format!("amqp-exec {what}"))
+        .await
+        .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| Failure::new(EX_UNAVAILABLE, format!("cannot open a channel: {e}")))?;
+    Ok((conn, channel))
+}
+
+/// Options of `amqp-exec publish`.
+#[derive(Debug, Clone, Default)]
+pub struct PublishArgs {
+    pub queue: Option<String>,
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    pub body: Option<String>,
+    pub file: Option<PathBuf>,
+    pub lines: bool,
+    pub count: u64,
+    pub headers: Vec<(String, String)>,
+    pub message_id: Option<String>,
+    pub content_type: Option<String>,
+    pub transient: bool,
+}
+
+/// Publishes the messages and waits for every confirm.
+pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result<(), Failure> {
+    let (exchange, routing_key) = match (&args.queue, &args.exchange) {
+        (Some(q), None) => (String::new(), q.clone()),
+        (None, Some(e)) => (e.clone(), args.routing_key.clone().unwrap_or_default()),
+        _ => {
+            return Err(Failure::new(
+                2,
+                "give either --queue Q or --exchange E [--routing-key K]",
+            ));
+        }
+    };
+    let input: Vec<u8> = match (&args.body, &args.file) {
+        (Some(b), None) => b.clone().into_bytes(),
+        (None, Some(f)) => std::fs::read(f)
+            .map_err(|e| Failure::new(66, format!("cannot read {}: {e}", f.display())))?,
+        (None, None) => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Failure::new(66, format!("cannot read standard input: {e}")))?;
+            buf
+        }
+        (Some(_), Some(_)) => return Err(Failure::new(2, "give only one of --body and --file")),
+    };
+    let bodies: Vec<&[u8]> = if args.lines {
+        input
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| !l.is_empty())
+            .collect()
+    } else {
+        vec![&input[..]]
+    };
+    let total = bodies.len() as u64 * args.count;
+    if total == 0 {
+        return Err(Failure::new(
+            65,
+            "nothing to publish: the input has no lines",
+        ));
+    }
+    let mut table = FieldTable::default();
+    for (k, v) in &args.headers {
+        table.insert(
+            k.as_str().into(),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
+    }
+    let id_prefix = args.message_id.clone().unwrap_or_else(random_id);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut base = BasicProperties::default()
+        .with_delivery_mode(if args.transient { 1 } else { 2 })
+        .with_timestamp(now);
+    if !table.inner().is_empty() {
+        base = base.with_headers(table);
+    }
+    if let Some(ct) = &args.content_type {
+        base = base.with_content_type(ct.as_str().into());
+    }
+
+    let (conn, channel) = open(broker, "publish").await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
+
+    let mut pending = VecDeque::new();
+    let (mut confirmed, mut failed) = (0u64, Vec::new());
+    let mut n = 0u64;
+    for _ in 0..args.count {
+        for body in &bodies {
+            n += 1;
+            let id = if total == 1 && args.message_id.is_some() {
+                id_prefix.clone()
+            } else {
+                format!("{id_prefix}-{n}")
+            };
+            let props = base.clone().with_message_id(id.as_str().into());
+            let confirm = publish::send(&channel, &exchange, &routing_key, body, props)
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        1,
+                        format!("publish failed after {confirmed} confirmed: {e}"),
+                    )
+                })?;
+            pending.push_back((id, confirm));
+            if pending.len() >= 1000 {
+                let (id, c) = pending.pop_front().expect("not empty");
+                settle_confirm(id, c, &mut confirmed, &mut failed).await?;
+            }
+        }
+    }
+    while let Some((id, c)) = pending.pop_front() {
+        settle_confirm(id, c, &mut confirmed, &mut failed).await?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let target = if exchange.is_empty() {
+        format!("queue \"{routing_key}\"")
+    } else {
+        format!("exchange \"{exchange}\" with routing key \"{routing_key}\"")
+    };
+    println!("published {total} message(s) to {target}: {confirmed} confirmed");
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        for (id, why) in failed.iter().take(10) {
+            eprintln!("message {id}: {why}");
+        }
+        Err(Failure::new(
+            1,
+            format!(
+                "{} of {total} message(s) were not accepted by the broker",
+                failed.len()
+            ),
+        ))
+    }
+}
+
+async fn settle_confirm(
+    id: String,
+    confirm: lapin::PublisherConfirm,
+    confirmed: &mut u64,
+    failed: &mut Vec<(String, String)>,
+) -> Result<(), Failure> {
+    let c = confirm.await.map_err(|e| {
+        Failure::new(
+            1,
+            format!("lost the broker while waiting for confirms: {e}"),
+        )
+    })?;
+    match publish::check(c) {
+        Ok(()) => *confirmed += 1,
+        Err(e) => failed.push((id, e.to_string())),
+    }
+    Ok(())
+}
+
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// `amqp-exec check`: the config is valid, every command can be started, and
+/// the broker answers. Prints one line per finding.
+pub async fn check(cfg: &Config) -> Result<(), Failure> {
+    let mut problems = 0;
+    println!(
+        "config {}: ok ({} queue(s))",
+        cfg.file.display(),
+        cfg.queues.len()
+    );
+    for q in &cfg.queues {
+        let mut path = std::env::var_os("PATH");
+        if let Some(p) = q.env.get("PATH") {
+            path = Some(p.into());
+        }
+        let dir_ok = match &q.working_dir {
+            Some(d) if !d.is_dir() => {
+                println!(
+                    "queue \"{}\": error: working_dir {} does not exist",
+                    q.name,
+                    d.display()
+                );
+                problems += 1;
+                false
+            }
+            _ => true,
+        };
+        match consumer::resolve_command(&q.command[0], path.as_deref()) {
+            Ok(p) if dir_ok => println!("queue \"{}\": command {} ok", q.name, p.display()),
+            Ok(_) => {}
+            Err(e) => {
+                println!("queue \"{}\": error: {e}", q.name);
+                problems += 1;
+            }
+        }
+    }
+    match open(&cfg.broker, "check").await {
+        Ok((conn, channel)) => {
+            println!("broker: connected");
+            for q in cfg.queues.iter().filter(|q| !q.declare) {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                let ch = match conn.create_channel().await {
+                    Ok(c) => c,
+                    Err(_) => channel.clone(),
+                };
+                if let Err(e) = ch
+                    .queue_declare(q.name.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    println!(
+                        "queue \"{}\": error: declare = false but the queue is not usable: {e}",
+                        q.name
+                    );
+                    problems += 1;
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+        }
+        Err(e) => {
+            println!("broker: error: {}", e.message);
+            problems += 1;
+        }
+    }
+    if problems == 0 {
+        println!("all good");
+        Ok(())
+    } else {
+        Err(Failure::new(1, format!("{problems} problem(s) found")))
+    }
+}
+
+/// One dead letter, as `dead list` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct DeadEntry {
+    pub message_id: String,
+    pub attempts: Option<i64>,
+    pub exit: String,
+    pub failed_at: String,
+    pub queue: String,
+    pub stderr: String,
+    pub body_bytes: usize,
+}
+
+fn dead_entry(d: &lapin::message::Delivery) -> DeadEntry {
+    let h = d.properties.headers().as_ref();
+    DeadEntry {
+        message_id: d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        attempts: headers::int(h, ATTEMPTS_HEADER),
+        exit: headers::string(h, EXIT_HEADER).unwrap_or_default(),
+        failed_at: headers::string(h, FAILED_AT_HEADER).unwrap_or_default(),
+        queue: headers::string(h, QUEUE_HEADER).unwrap_or_default(),
+        stderr: headers::string(h, STDERR_HEADER).unwrap_or_default(),
+        body_bytes: d.data.len(),
+    }
+}
+
+async fn dead_count(channel: &Channel, dead: &str) -> Result<u32, Failure> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(dead.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+        .map_err(|e| Failure::new(1, format!("queue \"{dead}\" is not there: {e}")))
+}
+
+/// `dead list`: prints up to `limit` dead letters and leaves them in place.
+pub async fn dead_list(
+    broker: &config::BrokerConfig,
+    queue: &str,
+    limit: Option<u32>,
+    json: bool,
+) -> Result<(), Failure> {
+    let dead = dead_queue_name(queue);
+    let (conn, channel) = open(broker, "dead list").await?;
+    let available = dead_count(&channel, &dead).await?;
+    let n = limit.map_or(available, |l| l.min(available));
+    let mut held = Vec::new();
+    for _ in 0..n {
+        match channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+        {
+            Ok(Some(m)) => {
+                let e = dead_entry(&m.delivery);
+                if json {
+                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                } else {
+                    println!(
+                        "{}\tattempts={}\texit={}\tfailed_at={}\t{}",
+                        if e.message_id.is_empty() {
+                            "-"
+                        } else {
+                            &e.message_id
+                        },
+                        e.attempts.map_or("-".to_string(), |a| a.to_string()),
+                        e.exit,
+                        e.failed_at,
+                        e.stderr
+                            .lines()
+                            .find(|l| !l.trim().is_empty())
+                            .unwrap_or("")
+                    );
+                }
+                held.push(m.delivery);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Failure::new(1, format!("cannot read {dead}: {e}"))),
+        }
+    }
+    // Put them back where they were.
+    if let Some(last) = held.last() {
+        let _ = last
+            .acker
+            .nack(BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            })
+            .await;
+    }
+    if !json {
+        eprintln!(
+            "{} of {available} dead letter(s) in \"{dead}\" shown",
+            held.len()
+        );
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// `dead replay`: republishes dead letters to their queue with the attempt
+/// count reset, each acked from the dead queue only after its confirm.
+pub async fn dead_replay(
+    broker: &config::BrokerConfig,
+    queue: &str,
+    limit: Option<u32>,
+) -> Result<(), Failure> {
+    let dead = dead_queue_name(queue);
+    let (conn, channel) = open(broker, "dead replay").await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
+    let available = dead_count(&channel, &dead).await?;
+    // Bounded by what is there now, so that messages failing again are not replayed in a loop.
+    let n = limit.map_or(available, |l| l.min(available));
+    let mut replayed = 0u32;
+    for _ in 0..n {
+        let m = match channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+        {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => return Err(Failure::new(1, format!("cannot read {dead}: {e}"))),
+        };
+        let d = m.delivery;
+        let kept: std::collections::BTreeMap<ShortString, AMQPValue> = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .filter(|(k, _)| {
+                        !k.as_str().starts_with("x-amqp-exec-") && k.as_str() != ATTEMPT_HEADER
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let props = d.properties.clone().with_headers(FieldTable::from(kept));
+        if let Err(e) = publish::publish_confirmed(&channel, "", queue, &d.data, props).await {
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+            return Err(Failure::new(
+                1,
+                format!("replay stopped after {replayed}: cannot publish to \"{queue}\": {e}"),
+            ));
+        }
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| Failure::new(1, format!("replayed but could not ack from {dead}: {e}")))?;
+        replayed += 1;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    println!("replayed {replayed} message(s) from \"{dead}\" to \"{queue}\"");
+    Ok(())
+}
+
+/// `dead purge`: deletes every dead letter of `queue`.
+pub async fn dead_purge(
+    broker: &config::BrokerConfig,
+    queue: &str,
+    yes: bool,
+) -> Result<(), Failure> {
+    let dead = dead_queue_name(queue);
+    let (conn, channel) = open(broker, "dead purge").await?;
+    let available = dead_count(&channel, &dead).await?;
+    if !yes {
+        return Err(Failure::new(
+            2,
+            format!("refusing to delete {available} message(s) from \"{dead}\" without --yes"),
+        ));
+    }
+    let purged = channel
+        .queue_purge(dead.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot purge {dead}: {e}")))?;
+    let _ = conn.close(200, "done".into()).await;
+    println!("purged {purged} message(s) from \"{dead}\"");
+    Ok(())
+}
+
+/// Parses `K=V` for `--header`.
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Parses a duration flag.
+pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}

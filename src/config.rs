@@ -1,0 +1,545 @@
+//! Configuration: reads the TOML file, applies `[defaults]` and environment
+//! overrides, and validates everything into typed structs.
+//!
+//! Every error names the file, the queue (where there is one) and the key, so
+//! that an operator can fix it without reading the source. A config error makes
+//! the binary exit with [`EX_CONFIG`].
+
+use crate::policy::{Action, Policy};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit status for configuration errors (sysexits.h `EX_CONFIG`).
+pub const EX_CONFIG: i32 = 78;
+
+/// Where the config is read from when neither `--config` nor
+/// `AMQP_EXEC_CONFIG` names a file.
+pub const DEFAULT_PATH: &str = "/etc/amqp-exec/config.toml";
+
+/// The broker URL used when neither the config nor `AMQP_URL` gives one.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A configuration mistake, with the file it was found in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "config error in {}: {}",
+            self.file.display(),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub broker: BrokerConfig,
+    /// Cap on running workers across all queues.
+    pub max_workers: usize,
+    /// How long running workers may finish after SIGTERM before they are killed.
+    pub shutdown_grace: Duration,
+    pub queues: Vec<QueueConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Broker URLs, tried in turn (cluster nodes). Never logged unredacted.
+    pub urls: Vec<String>,
+    pub heartbeat: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// What happens to running workers when the broker connection drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnConnectionLoss {
+    /// Let them finish; their deliveries cannot be acked and will be redelivered.
+    Finish,
+    /// Kill their process groups at once.
+    Kill,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub name: String,
+    pub command: Vec<String>,
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub env: BTreeMap<String, String>,
+    pub clear_env: bool,
+    pub working_dir: Option<PathBuf>,
+    pub declare: bool,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    pub max_body_bytes: usize,
+    pub on_connection_loss: OnConnectionLoss,
+    pub policy: Policy,
+}
+
+impl QueueConfig {
+    /// Name of the retry queue that holds messages for `delay`.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        format!("{}.retry.{}", self.name, format_duration(delay))
+    }
+
+    /// Name of the dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        dead_queue_name(&self.name)
+    }
+}
+
+/// Name of the dead-letter queue of `queue`.
+pub fn dead_queue_name(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    broker: Option<RawBroker>,
+    defaults: Option<toml::Table>,
+    max_workers: Option<usize>,
+    shutdown_grace: Option<String>,
+    #[serde(default, rename = "queue")]
+    queues: Vec<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    url: Option<String>,
+    urls: Option<Vec<String>>,
+    heartbeat: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+/// One `[[queue]]` table, or `[defaults]`: every key is optional here and
+/// checked after the defaults are merged in.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    name: Option<String>,
+    command: Option<Vec<String>>,
+    concurrency: Option<usize>,
+    prefetch: Option<u32>,
+    env: Option<BTreeMap<String, String>>,
+    clear_env: Option<bool>,
+    working_dir: Option<PathBuf>,
+    declare: Option<bool>,
+    timeout: Option<String>,
+    kill_grace: Option<String>,
+    max_attempts: Option<u32>,
+    backoff: Option<Vec<String>>,
+    exit_codes: Option<BTreeMap<String, Action>>,
+    max_body_bytes: Option<usize>,
+    on_connection_loss: Option<OnConnectionLoss>,
+}
+
+/// Reads and validates the config at `path`. `amqp_url`, when set (from the
+/// `AMQP_URL` environment variable), replaces the broker URLs of the file.
+pub fn load(path: &Path, amqp_url: Option<&str>) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        message: format!("cannot read the file: {e}"),
+    })?;
+    parse(&text, path, amqp_url)
+}
+
+/// Parses and validates config text; `path` is only used in messages.
+pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.to_owned(),
+        message,
+    };
+    let raw: RawFile = toml::from_str(text).map_err(|e| err(one_line(&e.to_string())))?;
+
+    let broker = parse_broker(raw.broker, amqp_url).map_err(err)?;
+
+    let defaults_table = raw.defaults.unwrap_or_default();
+    if defaults_table.contains_key("name") {
+        return Err(err(
+            "[defaults]: key `name` cannot have a default; give each [[queue]] its own name".into(),
+        ));
+    }
+    // Check [defaults] on its own so that a typo there is reported as such.
+    RawQueue::deserialize(toml::Value::Table(defaults_table.clone()))
+        .map_err(|e| err(format!("[defaults]: {}", one_line(&e.to_string()))))?;
+
+    if raw.queues.is_empty() {
+        return Err(err(
+            "no [[queue]] table: add at least one queue with `name` and `command`".into(),
+        ));
+    }
+    let mut queues = Vec::with_capacity(raw.queues.len());
+    let mut seen = HashSet::new();
+    for (index, table) in raw.queues.into_iter().enumerate() {
+        let label = match table.get("name").and_then(|v| v.as_str()) {
+            Some(name) => format!("queue \"{name}\""),
+            None => format!("[[queue]] #{}", index + 1),
+        };
+        let mut merged = defaults_table.clone();
+        merged.extend(table);
+        let raw_queue = RawQueue::deserialize(toml::Value::Table(merged))
+            .map_err(|e| err(format!("{label}: {}", one_line(&e.to_string()))))?;
+        let queue = validate_queue(raw_queue).map_err(|m| err(format!("{label}: {m}")))?;
+        if !seen.insert(queue.name.clone()) {
+            return Err(err(format!(
+                "{label}: duplicate queue name (key `name`); each queue may appear once"
+            )));
+        }
+        queues.push(queue);
+    }
+
+    let total: usize = queues.iter().map(|q| q.concurrency).sum();
+    let max_workers = match raw.max_workers {
+        Some(0) => return Err(err("key `max_workers`: must be at least 1".into())),
+        Some(n) => n,
+        None => total,
+    };
+    let shutdown_grace = match raw.shutdown_grace {
+        Some(s) => parse_duration(&s).map_err(|m| err(format!("key `shutdown_grace`: {m}")))?,
+        None => Duration::from_secs(30),
+    };
+
+    Ok(Config {
+        file: path.to_owned(),
+        broker,
+        max_workers,
+        shutdown_grace,
+        queues,
+    })
+}
+
+fn parse_broker(raw: Option<RawBroker>, amqp_url: Option<&str>) -> Result<BrokerConfig, String> {
+    let raw = raw.unwrap_or(RawBroker {
+        url: None,
+        urls: None,
+        heartbeat: None,
+        connect_timeout: None,
+    });
+    let mut urls = match (raw.url, raw.urls) {
+        (Some(_), Some(_)) => {
+            return Err("[broker]: give either `url` or `urls`, not both".into());
+        }
+        (Some(u), None) => vec![u],
+        (None, Some(list)) => list,
+        (None, None) => vec![DEFAULT_URL.to_owned()],
+    };
+    if let Some(u) = amqp_url.filter(|u| !u.is_empty()) {
+        urls = vec![u.to_owned()];
+    }
+    if urls.is_empty() {
+        return Err("[broker] key `urls`: the list is empty".into());
+    }
+    for u in &urls {
+        crate::broker::parse_uri(u).map_err(|e| format!("[broker] key `url`: {e}"))?;
+    }
+    let heartbeat = match raw.heartbeat {
+        Some(s) => parse_duration(&s).map_err(|m| format!("[broker] key `heartbeat`: {m}"))?,
+        None => Duration::from_secs(30),
+    };
+    if heartbeat.as_secs() > u64::from(u16::MAX) {
+        return Err("[broker] key `heartbeat`: at most 65535s".into());
+    }
+    let connect_timeout = match raw.connect_timeout {
+        Some(s) => {
+            parse_duration(&s).map_err(|m| format!("[broker] key `connect_timeout`: {m}"))?
+        }
+        None => Duration::from_secs(10),
+    };
+    Ok(BrokerConfig {
+        urls,
+        heartbeat,
+        connect_timeout,
+    })
+}
+
+fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
+    let name = raw.name.ok_or("key `name` is missing")?;
+    if name.is_empty() {
+        return Err("key `name`: must not be empty".into());
+    }
+    // Leave room for the ".retry.<delay>" suffix within AMQP's 255-byte limit.
+    if name.len() > 200 {
+        return Err("key `name`: at most 200 bytes".into());
+    }
+    let command = raw.command.ok_or(
+        "key `command` is missing (an argv array, e.g. [\"/usr/bin/php\", \"worker.php\"])",
+    )?;
+    if command.is_empty() || command[0].is_empty() {
+        return Err("key `command`: must not be empty; it is an argv array whose first element is the program".into());
+    }
+    let concurrency = raw.concurrency.unwrap_or(1);
+    if concurrency == 0 {
+        return Err("key `concurrency`: must be at least 1".into());
+    }
+    let prefetch = raw.prefetch.unwrap_or(concurrency.min(65535) as u32);
+    if prefetch == 0 || prefetch > 65535 {
+        return Err("key `prefetch`: must be between 1 and 65535".into());
+    }
+    for key in raw.env.iter().flat_map(|e| e.keys()) {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(format!("key `env`: invalid variable name {key:?}"));
+        }
+    }
+    let duration = |key: &str, value: Option<String>, default: Duration| match value {
+        Some(s) => parse_duration(&s).map_err(|m| format!("key `{key}`: {m}")),
+        None => Ok(default),
+    };
+    let timeout = duration("timeout", raw.timeout, Duration::from_secs(300))?;
+    if timeout.is_zero() {
+        return Err("key `timeout`: must be greater than 0".into());
+    }
+    let kill_grace = duration("kill_grace", raw.kill_grace, Duration::from_secs(10))?;
+    let max_attempts = raw.max_attempts.unwrap_or(5);
+    if max_attempts == 0 {
+        return Err("key `max_attempts`: must be at least 1".into());
+    }
+    let backoff = match raw.backoff {
+        Some(list) => {
+            if list.is_empty() {
+                return Err("key `backoff`: give at least one delay".into());
+            }
+            let mut out = Vec::with_capacity(list.len());
+            for s in list {
+                let d = parse_duration(&s).map_err(|m| format!("key `backoff`: {m}"))?;
+                if d.is_zero() || d.as_millis() > u128::from(u32::MAX) {
+                    return Err(format!(
+                        "key `backoff`: {s:?} must be between 1ms and 49 days"
+                    ));
+                }
+                out.push(d);
+            }
+            out
+        }
+        None => ["1s", "10s", "1m", "5m", "30m"]
+            .iter()
+            .map(|s| parse_duration(s).expect("valid default"))
+            .collect(),
+    };
+    let mut exit_codes = BTreeMap::new();
+    for (code, action) in raw.exit_codes.unwrap_or_default() {
+        let n: i32 = code
+            .parse()
+            .ok()
+            .filter(|n| (0..=255).contains(n))
+            .ok_or_else(|| format!("key `exit_codes`: {code:?} is not an exit code (0 to 255)"))?;
+        exit_codes.insert(n, action);
+    }
+    Ok(QueueConfig {
+        name,
+        command,
+        concurrency,
+        prefetch: prefetch as u16,
+        env: raw.env.unwrap_or_default(),
+        clear_env: raw.clear_env.unwrap_or(false),
+        working_dir: raw.working_dir,
+        declare: raw.declare.unwrap_or(true),
+        timeout,
+        kill_grace,
+        max_body_bytes: raw.max_body_bytes.unwrap_or(64 * 1024 * 1024),
+        on_connection_loss: raw.on_connection_loss.unwrap_or(OnConnectionLoss::Finish),
+        policy: Policy {
+            max_attempts,
+            backoff,
+            exit_codes,
+        },
+    })
+}
+
+/// Parses durations written as a number and a unit: `500ms`, `30s`, `5m`,
+/// `1h`, `1d`, or `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || {
+        format!(
+            "bad duration {s:?}: write a number and a unit, e.g. \"500ms\", \"30s\", \"5m\", \"1h\""
+        )
+    };
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let unit_secs = match unit.trim() {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(bad()),
+    };
+    let secs = value * unit_secs;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration in the shortest unit that keeps it whole: `500ms`,
+/// `10s`, `5m`, `1h`. Used in retry queue names.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/x.toml"), None)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = p("[[queue]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n").unwrap();
+        let q = &c.queues[0];
+        assert_eq!(q.concurrency, 1);
+        assert_eq!(q.prefetch, 1);
+        assert_eq!(q.timeout, Duration::from_secs(300));
+        assert_eq!(q.policy.max_attempts, 5);
+        assert_eq!(q.policy.backoff.len(), 5);
+        assert_eq!(c.max_workers, 1);
+        assert_eq!(c.broker.urls, vec![DEFAULT_URL.to_string()]);
+        assert_eq!(c.broker.heartbeat, Duration::from_secs(30));
+        assert!(q.declare);
+    }
+
+    #[test]
+    fn defaults_are_inherited_and_overridden() {
+        let c = p(r#"
+            max_workers = 3
+            [defaults]
+            concurrency = 4
+            timeout = "2s"
+            [[queue]]
+            name = "a"
+            command = ["x"]
+            [[queue]]
+            name = "b"
+            command = ["y"]
+            concurrency = 2
+        "#)
+        .unwrap();
+        assert_eq!(c.queues[0].concurrency, 4);
+        assert_eq!(c.queues[0].prefetch, 4);
+        assert_eq!(c.queues[1].concurrency, 2);
+        assert_eq!(c.queues[1].timeout, Duration::from_secs(2));
+        assert_eq!(c.max_workers, 3);
+    }
+
+    #[test]
+    fn amqp_url_overrides_file() {
+        let c = parse(
+            "[broker]\nurl = \"amqp://a:b@h1/%2f\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
+            Path::new("c.toml"),
+            Some("amqp://u:p@h2/%2f"),
+        )
+        .unwrap();
+        assert_eq!(c.broker.urls, vec!["amqp://u:p@h2/%2f".to_string()]);
+    }
+
+    fn error_of(text: &str) -> String {
+        p(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_queue_and_key() {
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nconcurency = 2\n");
+        assert!(e.contains("/etc/x.toml"), "{e}");
+        assert!(e.contains("queue \"a\""), "{e}");
+        assert!(e.contains("concurency"), "{e}");
+
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = []\n");
+        assert!(e.contains("`command`") && e.contains("queue \"a\""), "{e}");
+
+        let e = error_of("[[queue]]\nname = \"a\"\n");
+        assert!(e.contains("`command` is missing"), "{e}");
+
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\ntimeout = \"5 minutes\"\n");
+        assert!(e.contains("`timeout`") && e.contains("5 minutes"), "{e}");
+
+        let e = error_of(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[[queue]]\nname = \"a\"\ncommand = [\"y\"]\n",
+        );
+        assert!(e.contains("duplicate") && e.contains("queue \"a\""), "{e}");
+
+        let e =
+            error_of("[defaults]\nconcurrenty = 1\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n");
+        assert!(e.contains("[defaults]") && e.contains("concurrenty"), "{e}");
+
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = \"x y\"\n");
+        assert!(e.contains("queue \"a\"") && e.contains("command"), "{e}");
+
+        let e = error_of(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[queue.exit_codes]\n300 = \"ack\"\n",
+        );
+        assert!(e.contains("exit_codes") && e.contains("300"), "{e}");
+
+        let e = error_of(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[queue.exit_codes]\n3 = \"maybe\"\n",
+        );
+        assert!(e.contains("maybe"), "{e}");
+
+        let e = error_of("bogus = 1\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n");
+        assert!(e.contains("bogus"), "{e}");
+
+        let e = error_of("");
+        assert!(e.contains("no [[queue]]"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        for bad in ["", "5", "s", "5 minutes", "-1s", "1e400s", "1x"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(format_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
+
+    #[test]
+    fn exit_codes_table() {
+        let c = p("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[queue.exit_codes]\n3 = \"dead-letter\"\n4 = \"drop\"\n")
+            .unwrap();
+        assert_eq!(c.queues[0].policy.exit_codes[&3], Action::DeadLetter);
+        assert_eq!(c.queues[0].policy.exit_codes[&4], Action::Drop);
+    }
+}

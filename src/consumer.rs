@@ -1,0 +1,307 @@
+//! Consumer loop of one queue on one connection: declares the topology, sets
+//! the prefetch, takes deliveries only when a worker slot is free, and starts
+//! a job for each. It pauses the queue (cancelling its consumer, so other
+//! instances get the messages) when its command cannot be started, and
+//! rebuilds its channel after a channel error.
+
+use crate::broker;
+use crate::job::{self, Permits};
+use crate::supervisor::{QueueState, Shared};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, Consumer, message::Delivery};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// First and longest pause of a queue whose command cannot be started.
+const PAUSE_MIN: Duration = Duration::from_secs(1);
+const PAUSE_MAX: Duration = Duration::from_secs(60);
+/// Wait before rebuilding a channel after a channel error.
+const CHANNEL_RETRY: Duration = Duration::from_secs(1);
+const CHANNEL_RETRY_MAX: Duration = Duration::from_secs(30);
+
+enum End {
+    /// Shutdown, max-jobs reached, or the connection is gone.
+    Stopped,
+    /// A worker could not be started: pause the queue.
+    SpawnFailed,
+    /// The channel failed; rebuild it.
+    ChannelError(String),
+}
+
+/// Runs the queue on `conn` until shutdown or until the connection is lost.
+pub async fn run_queue(
+    queue: Arc<QueueState>,
+    conn: Arc<Connection>,
+    shared: Arc<Shared>,
+    conn_lost: CancellationToken,
+) {
+    let mut pause = PAUSE_MIN;
+    let mut channel_retry = CHANNEL_RETRY;
+    let mut declared = false;
+    let mut reported_ready = false;
+    loop {
+        if shared.stop.is_cancelled() || conn_lost.is_cancelled() {
+            break;
+        }
+        if let Err(why) = command_available(&queue) {
+            tracing::error!(
+                queue = %queue.name,
+                "queue paused: {why}; checking again in {}s",
+                pause.as_secs()
+            );
+            if !reported_ready {
+                reported_ready = true;
+                shared.queue_ready();
+            }
+            if !sleep_or_stop(pause, &shared, &conn_lost).await {
+                break;
+            }
+            pause = (pause * 2).min(PAUSE_MAX);
+            continue;
+        }
+        match consume(
+            &queue,
+            &conn,
+            &shared,
+            &conn_lost,
+            &mut declared,
+            &mut reported_ready,
+        )
+        .await
+        {
+            End::Stopped => break,
+            End::SpawnFailed => {
+                tracing::error!(
+                    queue = %queue.name,
+                    "queue paused for {}s: its worker could not be started (see above); \
+                     messages were requeued without counting an attempt",
+                    pause.as_secs()
+                );
+                if !sleep_or_stop(pause, &shared, &conn_lost).await {
+                    break;
+                }
+                pause = (pause * 2).min(PAUSE_MAX);
+            }
+            End::ChannelError(e) => {
+                if !conn.status().connected() {
+                    break;
+                }
+                tracing::error!(
+                    queue = %queue.name,
+                    "{e}; reopening the channel in {}s",
+                    channel_retry.as_secs()
+                );
+                if !sleep_or_stop(channel_retry, &shared, &conn_lost).await {
+                    break;
+                }
+                channel_retry = (channel_retry * 2).min(CHANNEL_RETRY_MAX);
+                declared = false;
+            }
+        }
+    }
+}
+
+async fn sleep_or_stop(d: Duration, shared: &Shared, conn_lost: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shared.stop.cancelled() => false,
+        _ = conn_lost.cancelled() => false,
+    }
+}
+
+async fn consume(
+    queue: &Arc<QueueState>,
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    conn_lost: &CancellationToken,
+    declared: &mut bool,
+    reported_ready: &mut bool,
+) -> End {
+    let cfg = &queue.cfg;
+    let channel = match conn.create_channel().await {
+        Ok(c) => c,
+        Err(e) => return End::ChannelError(format!("cannot open a channel: {e}")),
+    };
+    if cfg.declare && !*declared {
+        if let Err(e) = broker::declare_topology(&channel, cfg).await {
+            return End::ChannelError(e);
+        }
+        *declared = true;
+    }
+    if let Err(e) = channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+    {
+        return End::ChannelError(format!("cannot enable publisher confirms: {e}"));
+    }
+    if let Err(e) = channel
+        .basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .await
+    {
+        return End::ChannelError(format!("cannot set prefetch: {e}"));
+    }
+    let mut consumer = match channel
+        .basic_consume(
+            cfg.name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return End::ChannelError(format!("cannot consume from \"{}\": {e}", cfg.name));
+        }
+    };
+    tracing::info!(
+        queue = %queue.name,
+        concurrency = cfg.concurrency,
+        prefetch = cfg.prefetch,
+        "consuming"
+    );
+    if !*reported_ready {
+        *reported_ready = true;
+        shared.queue_ready();
+    }
+
+    let mut spawn_failures = queue.spawn_failed.subscribe();
+    spawn_failures.borrow_and_update();
+    let end = loop {
+        let slot = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => break End::Stopped,
+            _ = conn_lost.cancelled() => break End::Stopped,
+            _ = spawn_failures.changed() => break End::SpawnFailed,
+            p = queue.slots.clone().acquire_owned() => p.expect("queue semaphore is never closed"),
+        };
+        let next = tokio::select! {
+            biased;
+            _ = shared.stop.cancelled() => break End::Stopped,
+            _ = conn_lost.cancelled() => break End::Stopped,
+            _ = spawn_failures.changed() => break End::SpawnFailed,
+            d = consumer.next() => d,
+        };
+        let delivery = match next {
+            None => break End::ChannelError("the broker cancelled the consumer".into()),
+            Some(Err(e)) => break End::ChannelError(format!("channel error: {e}")),
+            Some(Ok(d)) => d,
+        };
+        shared.delivery_arrived();
+        if !delivery.acker.usable() {
+            // Buffered before its channel died: the broker has already requeued it.
+            continue;
+        }
+        if !shared.claim_job() {
+            nack_requeue(&delivery).await;
+            break End::Stopped;
+        }
+        let global = tokio::select! {
+            biased;
+            _ = shared.interrupt.cancelled() => {
+                nack_requeue(&delivery).await;
+                shared.unclaim_job();
+                break End::Stopped;
+            }
+            p = shared.global.clone().acquire_owned() => p.expect("global semaphore is never closed"),
+        };
+        let permits = Permits {
+            _queue: slot,
+            _global: global,
+        };
+        shared.tracker.spawn(job::handle(
+            delivery,
+            channel.clone(),
+            queue.clone(),
+            shared.clone(),
+            permits,
+        ));
+    };
+
+    if matches!(end, End::Stopped | End::SpawnFailed) && channel.status().connected() {
+        stop_consumer(&channel, &mut consumer, &queue.name).await;
+    }
+    end
+}
+
+/// Cancels the consumer and hands back the deliveries it had buffered but not
+/// started, so that other consumers get them now.
+async fn stop_consumer(channel: &lapin::Channel, consumer: &mut Consumer, name: &str) {
+    let _ = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
+    let mut returned = 0;
+    while let Ok(Some(Ok(d))) =
+        tokio::time::timeout(Duration::from_millis(50), consumer.next()).await
+    {
+        nack_requeue(&d).await;
+        returned += 1;
+    }
+    if returned > 0 {
+        tracing::debug!(queue = %name, returned, "returned prefetched messages to the queue");
+    }
+}
+
+async fn nack_requeue(d: &Delivery) {
+    let _ = d
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await;
+}
+
+/// Checks that the queue's command can be started: it exists and is
+/// executable (looked up in the worker's `PATH` when it has no slash), and
+/// `working_dir` exists.
+pub fn command_available(queue: &QueueState) -> Result<PathBuf, String> {
+    if let Some(dir) = &queue.cfg.working_dir
+        && !dir.is_dir()
+    {
+        return Err(format!("working_dir {} does not exist", dir.display()));
+    }
+    let path = queue
+        .base_env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    resolve_command(&queue.cfg.command[0], path.as_deref())
+}
+
+/// Finds `program` as `execvp` would: as a path when it has a slash, else in `path`.
+pub fn resolve_command(program: &str, path: Option<&std::ffi::OsStr>) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        return executable(Path::new(program)).map(|_| PathBuf::from(program));
+    }
+    let default_path = std::ffi::OsString::from("/usr/local/bin:/usr/bin:/bin");
+    let search = path.unwrap_or(&default_path);
+    for dir in std::env::split_paths(search) {
+        let candidate = dir.join(program);
+        if executable(&candidate).is_ok() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!("command \"{program}\" not found in PATH"))
+}
+
+fn executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("command {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("command {} is not a file", path.display()));
+    }
+    if meta.permissions().mode() & 0o111 == 0
+        || nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err()
+    {
+        return Err(format!("command {} is not executable", path.display()));
+    }
+    Ok(())
+}

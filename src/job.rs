@@ -1,0 +1,335 @@
+//! One delivery from start to settlement: builds the worker's environment,
+//! runs it, asks the policy what to do, and records the outcome with the
+//! broker. A message is acked only after its outcome is safe: success, or a
+//! confirmed republish to the retry or dead-letter queue. Anything else puts
+//! it back in its queue.
+
+use crate::headers;
+use crate::metrics::{self, QueueStats};
+use crate::policy::{self, Decision, Outcome};
+use crate::publish;
+use crate::runner::{self, Job, LogContext};
+use crate::supervisor::{QueueState, Shared};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, message::Delivery};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Our attempt counter header: the attempt number the delivery will be.
+pub const ATTEMPT_HEADER: &str = "x-amqp-exec-attempt";
+/// Quorum queues count redeliveries here.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+pub const EXIT_HEADER: &str = "x-amqp-exec-exit";
+pub const ATTEMPTS_HEADER: &str = "x-amqp-exec-attempts";
+pub const STDERR_HEADER: &str = "x-amqp-exec-stderr";
+pub const FAILED_AT_HEADER: &str = "x-amqp-exec-failed-at";
+pub const QUEUE_HEADER: &str = "x-amqp-exec-queue";
+
+/// `AMQP_EXEC_HEADERS` larger than this is not passed (the kernel limits one
+/// environment string to 128 KiB); `AMQP_EXEC_HEADERS_OMITTED` says so.
+pub const MAX_HEADERS_ENV: usize = 64 * 1024;
+
+/// Held for the life of a job: the queue's concurrency slot and the global one.
+pub struct Permits {
+    pub _queue: OwnedSemaphorePermit,
+    pub _global: OwnedSemaphorePermit,
+}
+
+/// Runs the job for `delivery` and settles it on `channel`, the channel it
+/// came from.
+pub async fn handle(
+    delivery: Delivery,
+    channel: Channel,
+    queue: Arc<QueueState>,
+    shared: Arc<Shared>,
+    permits: Permits,
+) {
+    let cfg = &queue.cfg;
+    let props = &delivery.properties;
+    let hdrs = props.headers().as_ref();
+    let attempt = policy::attempt_number(
+        headers::int(hdrs, ATTEMPT_HEADER),
+        headers::int(hdrs, DELIVERY_COUNT_HEADER),
+    );
+    let log = LogContext {
+        queue: queue.name.clone(),
+        message_id: props
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        attempt,
+    };
+
+    metrics::inc(&queue.stats.running);
+    let result = if delivery.data.len() > cfg.max_body_bytes {
+        tracing::warn!(
+            queue = %log.queue, message_id = %log.message_id,
+            "body of {} bytes exceeds max_body_bytes ({}); dead-lettering without running a worker",
+            delivery.data.len(), cfg.max_body_bytes
+        );
+        runner::JobResult {
+            outcome: Outcome::TooLarge,
+            pid: None,
+            stderr_tail: format!(
+                "body of {} bytes exceeds max_body_bytes = {}",
+                delivery.data.len(),
+                cfg.max_body_bytes
+            )
+            .into_bytes(),
+            stdout: Vec::new(),
+            stdout_truncated: false,
+            elapsed: Duration::ZERO,
+        }
+    } else {
+        let env = message_env(&delivery, &queue, attempt);
+        let job = Job {
+            command: &cfg.command,
+            base_env: &queue.base_env,
+            message_env: &env,
+            working_dir: cfg.working_dir.as_deref(),
+            body: &delivery.data,
+            timeout: cfg.timeout,
+            kill_grace: cfg.kill_grace,
+            capture_stdout: 0,
+            log: &log,
+        };
+        runner::run(job, &queue.interrupt_token()).await
+    };
+    metrics::dec(&queue.stats.running);
+    if result.outcome != Outcome::SpawnFailed {
+        queue.stats.observe_duration(result.elapsed);
+    }
+
+    let decision = policy::decide(result.outcome, attempt, &cfg.policy);
+    let settled = settle(
+        &delivery, &channel, &queue, &log, attempt, &result, decision,
+    )
+    .await;
+    drop(permits);
+    shared.job_finished(settled && decision != Decision::Requeue);
+    if result.outcome == Outcome::SpawnFailed {
+        queue.spawn_failed.send_modify(|n| *n += 1);
+    }
+}
+
+/// Records the decision with the broker; true if the original was acked.
+async fn settle(
+    delivery: &Delivery,
+    channel: &Channel,
+    queue: &QueueState,
+    log: &LogContext,
+    attempt: u32,
+    result: &runner::JobResult,
+    decision: Decision,
+) -> bool {
+    let stats: &QueueStats = &queue.stats;
+    let label = result.outcome.label();
+    let ms = result.elapsed.as_millis();
+    match decision {
+        Decision::Ack => {
+            tracing::debug!(queue = %log.queue, message_id = %log.message_id, attempt, ms, "job done");
+            let ok = ack(delivery, log).await;
+            if ok {
+                metrics::inc(&stats.ok);
+            }
+            ok
+        }
+        Decision::Drop => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "dropping the message as exit_codes says");
+            let ok = ack(delivery, log).await;
+            if ok {
+                metrics::inc(&stats.dropped);
+            }
+            ok
+        }
+        Decision::Requeue => {
+            if result.outcome == Outcome::SpawnFailed {
+                metrics::inc(&stats.spawn_failures);
+            } else {
+                tracing::info!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "requeueing the message");
+            }
+            metrics::inc(&stats.requeued);
+            requeue(delivery, log).await;
+            false
+        }
+        Decision::Retry {
+            delay,
+            next_attempt,
+        } => {
+            let target = queue.cfg.retry_queue(delay);
+            tracing::warn!(
+                queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
+                "job failed; retry {next_attempt}/{} in {}", queue.cfg.policy.max_attempts,
+                crate::config::format_duration(delay)
+            );
+            let mut table = copy_headers(delivery.properties.headers().as_ref());
+            table.insert(
+                ATTEMPT_HEADER.into(),
+                AMQPValue::LongInt(next_attempt as i32),
+            );
+            table.insert(EXIT_HEADER.into(), long_string(&label));
+            let props = delivery.properties.clone().with_headers(table);
+            republish_then_ack(delivery, channel, &target, props, log, &stats.retried).await
+        }
+        Decision::DeadLetter => {
+            let tail = String::from_utf8_lossy(&result.stderr_tail);
+            tracing::error!(
+                queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
+                "job failed for good; dead-lettering to {}: {}", queue.cfg.dead_queue(),
+                tail.lines().last().unwrap_or("")
+            );
+            let mut table = copy_headers(delivery.properties.headers().as_ref());
+            table.insert(EXIT_HEADER.into(), long_string(&label));
+            table.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(attempt as i32));
+            table.insert(STDERR_HEADER.into(), long_string(&tail));
+            table.insert(
+                FAILED_AT_HEADER.into(),
+                long_string(&humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+            );
+            table.insert(QUEUE_HEADER.into(), long_string(&log.queue));
+            table.inner_mut_remove(ATTEMPT_HEADER);
+            let props = delivery.properties.clone().with_headers(table);
+            let target = queue.cfg.dead_queue();
+            republish_then_ack(delivery, channel, &target, props, log, &stats.dead).await
+        }
+    }
+}
+
+async fn republish_then_ack(
+    delivery: &Delivery,
+    channel: &Channel,
+    target: &str,
+    props: BasicProperties,
+    log: &LogContext,
+    counter: &std::sync::atomic::AtomicU64,
+) -> bool {
+    match publish::publish_confirmed(channel, "", target, &delivery.data, props).await {
+        Ok(()) => {
+            let ok = ack(delivery, log).await;
+            if ok {
+                metrics::inc(counter);
+            }
+            ok
+        }
+        Err(e) => {
+            tracing::error!(
+                queue = %log.queue, message_id = %log.message_id,
+                "could not republish to {target}: {e}; putting the message back in its queue"
+            );
+            // Slow down a loop on a broken retry or dead-letter queue.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            requeue(delivery, log).await;
+            false
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery, log: &LogContext) -> bool {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "the channel closed before the job could be acked; the broker will redeliver the message");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "ack failed ({e}); the broker will redeliver the message");
+            false
+        }
+    }
+}
+
+async fn requeue(delivery: &Delivery, log: &LogContext) {
+    let opts = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    match delivery.acker.nack(opts).await {
+        Ok(true) => {}
+        Ok(false) | Err(_) => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "the channel closed before the message could be requeued; the broker requeues it itself");
+        }
+    }
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn copy_headers(table: Option<&FieldTable>) -> FieldTable {
+    table.cloned().unwrap_or_default()
+}
+
+trait RemoveKey {
+    fn inner_mut_remove(&mut self, key: &str);
+}
+
+impl RemoveKey for FieldTable {
+    fn inner_mut_remove(&mut self, key: &str) {
+        let kept: std::collections::BTreeMap<ShortString, AMQPValue> = self
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        *self = FieldTable::from(kept);
+    }
+}
+
+/// The `AMQP_EXEC_*` variables describing this delivery.
+fn message_env(
+    delivery: &Delivery,
+    queue: &QueueState,
+    attempt: u32,
+) -> Vec<(&'static str, String)> {
+    let p = &delivery.properties;
+    let short = |v: &Option<ShortString>| v.as_ref().map(|s| clean(s.as_str())).unwrap_or_default();
+    let mut env = Vec::with_capacity(12);
+    env.push(("AMQP_EXEC_QUEUE", queue.name.to_string()));
+    env.push(("AMQP_EXEC_MESSAGE_ID", short(p.message_id())));
+    env.push(("AMQP_EXEC_CORRELATION_ID", short(p.correlation_id())));
+    env.push(("AMQP_EXEC_REPLY_TO", short(p.reply_to())));
+    env.push((
+        "AMQP_EXEC_ROUTING_KEY",
+        clean(delivery.routing_key.as_str()),
+    ));
+    env.push(("AMQP_EXEC_EXCHANGE", clean(delivery.exchange.as_str())));
+    env.push((
+        "AMQP_EXEC_REDELIVERED",
+        if delivery.redelivered { "1" } else { "0" }.to_owned(),
+    ));
+    env.push(("AMQP_EXEC_ATTEMPT", attempt.to_string()));
+    env.push((
+        "AMQP_EXEC_MAX_ATTEMPTS",
+        queue.cfg.policy.max_attempts.to_string(),
+    ));
+    env.push(("AMQP_EXEC_CONTENT_TYPE", short(p.content_type())));
+    if let Some(ts) = p.timestamp() {
+        env.push(("AMQP_EXEC_TIMESTAMP", ts.to_string()));
+    }
+    let json = match p.headers() {
+        Some(t) => serde_json::to_string(&headers::to_json(t)).unwrap_or_else(|_| "{}".into()),
+        None => "{}".to_owned(),
+    };
+    if json.len() > MAX_HEADERS_ENV {
+        env.push(("AMQP_EXEC_HEADERS_OMITTED", json.len().to_string()));
+        env.push(("AMQP_EXEC_HEADERS", "{}".to_owned()));
+    } else {
+        env.push(("AMQP_EXEC_HEADERS", clean(&json)));
+    }
+    env
+}
+
+/// Environment values cannot hold NUL bytes; drop them.
+fn clean(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "")
+    } else {
+        s.to_owned()
+    }
+}

@@ -1,0 +1,29 @@
+//! amqp-exec: a RabbitMQ consumer supervisor that holds only the AMQP
+//! connection and runs one short-lived unit-worker process per message.
+//!
+//! Module map:
+//! - [`config`] — the TOML file, validated into typed structs;
+//! - [`broker`] — connecting, URL redaction, queue topology;
+//! - [`supervisor`] — the connection loop, shared state, shutdown;
+//! - [`consumer`] — one queue's consumer loop;
+//! - [`job`] — one delivery from start to ack;
+//! - [`runner`] — spawning a worker and collecting its output;
+//! - [`policy`] — exit code + attempt → decision (pure);
+//! - [`headers`] — AMQP headers to JSON;
+//! - [`publish`] — confirmed publishing;
+//! - [`cli`] — the `publish`, `check` and `dead` commands;
+//! - [`systemd`] — sd_notify;
+//! - [`metrics`] — counters.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod consumer;
+pub mod headers;
+pub mod job;
+pub mod metrics;
+pub mod policy;
+pub mod publish;
+pub mod runner;
+pub mod supervisor;
+pub mod systemd;

@@ -1,0 +1,262 @@
+//! The `amqp-exec` binary: parses flags, sets up logging, and dispatches to
+//! the supervisor or a CLI tool. Exit statuses: 0 ok, 1 failure, 2 usage,
+//! 69 broker unreachable, 78 config error.
+
+use amqp_exec::cli::{self, Failure, PublishArgs};
+use amqp_exec::config;
+use amqp_exec::supervisor::{self, RunOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "amqp-exec",
+    version,
+    about = "RabbitMQ consumer supervisor: one short-lived worker process per message"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, env = "AMQP_EXEC_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Log format; under journald, plain lines without timestamps are the default.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the configured queues and run a worker per message.
+    Run {
+        /// Exit 0 after this many jobs finished and were acked.
+        #[arg(long, value_name = "N")]
+        max_jobs: Option<u64>,
+        /// Exit 0 once no delivery arrived for this long (e.g. 5s) and no job runs.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration_arg)]
+        exit_when_idle: Option<Duration>,
+    },
+    /// Validate the config, check that each command can be started, and connect to the broker.
+    Check,
+    /// Publish test messages with publisher confirms.
+    Publish {
+        /// Broker URL (default: the config's, else amqp://guest:guest@127.0.0.1:5672/%2f).
+        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        url: Option<String>,
+        /// Publish to this queue through the default exchange.
+        #[arg(long, conflicts_with = "exchange")]
+        queue: Option<String>,
+        /// Publish to this exchange.
+        #[arg(long)]
+        exchange: Option<String>,
+        /// Routing key for --exchange.
+        #[arg(long, requires = "exchange")]
+        routing_key: Option<String>,
+        /// The body.
+        #[arg(long, conflicts_with_all = ["file", "stdin"])]
+        body: Option<String>,
+        /// Read the body from a file.
+        #[arg(long, conflicts_with = "stdin")]
+        file: Option<PathBuf>,
+        /// One message per input line.
+        #[arg(long)]
+        lines: bool,
+        /// Publish each message this many times.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
+        /// Header KEY=VALUE (repeatable).
+        #[arg(long = "header", value_name = "KEY=VALUE", value_parser = cli::parse_header)]
+        headers: Vec<(String, String)>,
+        /// Message id; with several messages, ids get a numeric suffix (-1, -2, ...).
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Non-persistent messages (delivery mode 1).
+        #[arg(long)]
+        transient: bool,
+        /// `-` reads the body from standard input (also the default without --body or --file).
+        #[arg(value_name = "-", id = "stdin")]
+        stdin: Option<String>,
+    },
+    /// Inspect, replay or purge a queue's dead letters (`<queue>.dead`).
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// List dead letters, leaving them in place.
+    List {
+        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        url: Option<String>,
+        #[arg(long)]
+        queue: String,
+        #[arg(long)]
+        limit: Option<u32>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to their queue with attempts reset.
+    Replay {
+        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        url: Option<String>,
+        #[arg(long)]
+        queue: String,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Delete all dead letters of a queue.
+    Purge {
+        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        url: Option<String>,
+        #[arg(long)]
+        queue: String,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text if journald => builder.with_ansi(false).without_time().init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            builder.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let named = cli.config.is_some();
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("amqp-exec: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command, config_path, named));
+    if let Err(f) = result {
+        eprintln!("amqp-exec: {}", f.message);
+        std::process::exit(f.code);
+    }
+}
+
+fn amqp_url_env() -> Option<String> {
+    std::env::var("AMQP_URL").ok().filter(|s| !s.is_empty())
+}
+
+async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result<(), Failure> {
+    match command {
+        Command::Run {
+            max_jobs,
+            exit_when_idle,
+        } => {
+            let cfg = config::load(&config_path, amqp_url_env().as_deref())?;
+            supervisor::run(
+                cfg,
+                RunOptions {
+                    max_jobs,
+                    exit_when_idle,
+                },
+            )
+            .await
+            .map_err(|e| Failure::new(1, e))
+        }
+        Command::Check => {
+            let cfg = config::load(&config_path, amqp_url_env().as_deref())?;
+            cli::check(&cfg).await
+        }
+        Command::Publish {
+            url,
+            queue,
+            exchange,
+            routing_key,
+            body,
+            file,
+            lines,
+            count,
+            headers,
+            message_id,
+            content_type,
+            transient,
+            stdin,
+        } => {
+            if let Some(s) = &stdin
+                && s != "-"
+            {
+                return Err(Failure::new(
+                    2,
+                    format!(
+                        "unexpected argument {s:?}: use --body, --file, or - for standard input"
+                    ),
+                ));
+            }
+            let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+            cli::publish(
+                &broker,
+                PublishArgs {
+                    queue,
+                    exchange,
+                    routing_key,
+                    body,
+                    file,
+                    lines,
+                    count,
+                    headers,
+                    message_id,
+                    content_type,
+                    transient,
+                },
+            )
+            .await
+        }
+        Command::Dead { action } => match action {
+            DeadAction::List {
+                url,
+                queue,
+                limit,
+                json,
+            } => {
+                let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+                cli::dead_list(&broker, &queue, limit, json).await
+            }
+            DeadAction::Replay { url, queue, limit } => {
+                let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+                cli::dead_replay(&broker, &queue, limit).await
+            }
+            DeadAction::Purge { url, queue, yes } => {
+                let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+                cli::dead_purge(&broker, &queue, yes).await
+            }
+        },
+    }
+}

@@ -1,0 +1,86 @@
+//! Publishing with publisher confirms: one helper used by retries, dead
+//! letters, replay and the `publish` CLI, which checks both the confirm and a
+//! `basic.return` for unroutable messages.
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Confirmation};
+use std::fmt;
+
+/// Why a publish did not end with the broker taking responsibility.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The broker nacked the message.
+    Nacked,
+    /// The message was unroutable (no queue bound) and came back.
+    Returned(String),
+    /// The channel or connection failed.
+    Broker(lapin::Error),
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Nacked => write!(f, "the broker nacked the message"),
+            PublishError::Returned(why) => write!(f, "the message was returned unroutable ({why})"),
+            PublishError::Broker(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+impl From<lapin::Error> for PublishError {
+    fn from(e: lapin::Error) -> Self {
+        PublishError::Broker(e)
+    }
+}
+
+/// Sends a mandatory publish and returns the future of its confirmation.
+/// `channel` must be in confirm mode.
+pub async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, PublishError> {
+    Ok(channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await?)
+}
+
+/// Checks a confirmation: acked and not returned.
+pub fn check(confirmation: Confirmation) -> Result<(), PublishError> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Returned(format!(
+                "{} {}",
+                returned.reply_code,
+                returned.reply_text.as_str()
+            )))
+        }
+        Confirmation::Nack(None) => Err(PublishError::Nacked),
+    }
+}
+
+/// Publishes and waits until the broker has confirmed it.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let confirm = send(channel, exchange, routing_key, body, properties).await?;
+    check(confirm.await?)
+}

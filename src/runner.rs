@@ -1,0 +1,470 @@
+//! Job runner: starts one unit-worker process for one message, feeds it the
+//! body on stdin, drains stdout and stderr concurrently (logging them line by
+//! line with bounded memory), enforces the timeout by signalling the worker's
+//! whole process group, and reports how the worker ended.
+//!
+//! Every worker is the leader of its own process group. When the worker
+//! exits, anything it left behind in that group (background children holding
+//! its pipes, say) is killed, so no stray process outlives its job.
+
+use crate::policy::Outcome;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStdin, Command};
+use tokio_util::sync::CancellationToken;
+
+/// How much of stderr is kept for dead-letter headers and failure replies.
+pub const STDERR_TAIL_BYTES: usize = 4096;
+/// Longest worker output line that is logged whole; the rest is cut.
+pub const MAX_LOG_LINE: usize = 8192;
+/// How long pipes may stay open after the worker's process group was killed
+/// (only a process that left the group can hold them) before reading stops.
+const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// Fields attached to every log line of a job.
+#[derive(Debug, Clone)]
+pub struct LogContext {
+    pub queue: std::sync::Arc<str>,
+    pub message_id: String,
+    pub attempt: u32,
+}
+
+/// One run of a worker.
+pub struct Job<'a> {
+    pub command: &'a [String],
+    /// The environment every worker of the queue gets.
+    pub base_env: &'a [(OsString, OsString)],
+    /// The variables describing this message.
+    pub message_env: &'a [(&'static str, String)],
+    pub working_dir: Option<&'a Path>,
+    pub body: &'a [u8],
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    /// Keep up to this many bytes of stdout (for replies); 0 keeps none.
+    pub capture_stdout: usize,
+    pub log: &'a LogContext,
+}
+
+/// How a run ended, with what it wrote.
+#[derive(Debug)]
+pub struct JobResult {
+    pub outcome: Outcome,
+    pub pid: Option<u32>,
+    /// The last [`STDERR_TAIL_BYTES`] of stderr, or the spawn error text.
+    pub stderr_tail: Vec<u8>,
+    /// Up to `capture_stdout` bytes of stdout.
+    pub stdout: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub elapsed: Duration,
+}
+
+/// Runs the job. `interrupt` stops the worker early (shutdown grace expired,
+/// connection lost): it is terminated like a timed-out worker and the result
+/// is [`Outcome::Interrupted`].
+pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
+    let started = Instant::now();
+    let mut cmd = Command::new(&job.command[0]);
+    cmd.args(&job.command[1..])
+        .env_clear()
+        .envs(job.base_env.iter().map(|(k, v)| (k, v)))
+        .envs(job.message_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(dir) = job.working_dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return JobResult {
+                outcome: Outcome::SpawnFailed,
+                pid: None,
+                stderr_tail: spawn_error_text(job.command, job.working_dir, &e).into_bytes(),
+                stdout: Vec::new(),
+                stdout_truncated: false,
+                elapsed: started.elapsed(),
+            };
+        }
+    };
+    let pid = child.id();
+    let pgid = pid.map(|p| p as i32).unwrap_or(0);
+
+    let mut out = Sink::capture(job.capture_stdout);
+    let mut err = Sink::tail(STDERR_TAIL_BYTES);
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let log = job.log;
+    // The pipes borrow the sinks until this block ends.
+    let outcome = {
+        let io = async {
+            tokio::join!(
+                feed(stdin, job.body),
+                pump(stdout, &mut out, Stream::Stdout, log, pid),
+                pump(stderr, &mut err, Stream::Stderr, log, pid),
+            );
+        };
+        tokio::pin!(io);
+        let mut io_done = false;
+
+        enum Stop {
+            Exited(std::io::Result<std::process::ExitStatus>),
+            Timeout,
+            Interrupted,
+        }
+        let deadline = tokio::time::sleep(job.timeout);
+        tokio::pin!(deadline);
+        let stop = loop {
+            tokio::select! {
+                _ = &mut io, if !io_done => io_done = true,
+                status = child.wait() => break Stop::Exited(status),
+                _ = &mut deadline => break Stop::Timeout,
+                _ = interrupt.cancelled() => break Stop::Interrupted,
+            }
+        };
+
+        let outcome = match stop {
+            Stop::Exited(status) => status_outcome(status),
+            Stop::Timeout | Stop::Interrupted => {
+                let why = if matches!(stop, Stop::Timeout) {
+                    "timed out"
+                } else {
+                    "interrupted"
+                };
+                tracing::warn!(
+                    queue = %log.queue, message_id = %log.message_id, attempt = log.attempt, pid = pgid,
+                    "worker {why} after {:.1}s; sending SIGTERM to its process group",
+                    started.elapsed().as_secs_f64()
+                );
+                terminate(pgid, Signal::SIGTERM);
+                let grace = tokio::time::sleep(job.kill_grace);
+                tokio::pin!(grace);
+                let exited = loop {
+                    tokio::select! {
+                        _ = &mut io, if !io_done => io_done = true,
+                        _ = child.wait() => break true,
+                        _ = &mut grace => break false,
+                    }
+                };
+                if !exited {
+                    tracing::warn!(
+                        queue = %log.queue, message_id = %log.message_id, pid = pgid,
+                        "worker still running after kill_grace; sending SIGKILL"
+                    );
+                    terminate(pgid, Signal::SIGKILL);
+                    let _ = child.wait().await;
+                }
+                if matches!(stop, Stop::Timeout) {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Interrupted
+                }
+            }
+        };
+        // Kill whatever the worker left in its process group; it may hold the pipes.
+        signal_group(pgid, Signal::SIGKILL);
+        if !io_done
+            && tokio::time::timeout(PIPE_DRAIN_LIMIT, &mut io)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                queue = %log.queue, message_id = %log.message_id, pid = pgid,
+                "a process that left the worker's process group still holds its output; no longer reading it"
+            );
+        }
+        outcome
+    };
+    JobResult {
+        outcome,
+        pid,
+        stderr_tail: err.into_bytes(),
+        stdout_truncated: out.truncated,
+        stdout: out.into_bytes(),
+        elapsed: started.elapsed(),
+    }
+}
+
+fn status_outcome(status: std::io::Result<std::process::ExitStatus>) -> Outcome {
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => Outcome::Exit(code),
+            (None, Some(sig)) => Outcome::Signal(sig),
+            (None, None) => Outcome::Exit(255),
+        },
+        // Waiting failed (should not happen): count it as a crash so it is retried.
+        Err(_) => Outcome::Signal(Signal::SIGKILL as i32),
+    }
+}
+
+fn spawn_error_text(command: &[String], dir: Option<&Path>, e: &std::io::Error) -> String {
+    match dir {
+        Some(d) if e.kind() == std::io::ErrorKind::NotFound && !d.is_dir() => {
+            format!(
+                "cannot start {:?}: working_dir {} does not exist",
+                command[0],
+                d.display()
+            )
+        }
+        _ => format!("cannot start {:?}: {e}", command[0]),
+    }
+}
+
+/// Signals the worker and its process group. Never signals a group id ≤ 1.
+fn terminate(pgid: i32, sig: Signal) {
+    if pgid > 1 {
+        // The leader may have moved itself to another group; reach it directly too.
+        let _ = kill(Pid::from_raw(pgid), sig);
+    }
+    signal_group(pgid, sig);
+}
+
+/// `killpg`, refusing group ids ≤ 1 (0 is our own group, 1 almost everything).
+pub fn signal_group(pgid: i32, sig: Signal) {
+    if pgid > 1 {
+        let _ = killpg(Pid::from_raw(pgid), sig);
+    }
+}
+
+async fn feed(stdin: Option<ChildStdin>, body: &[u8]) {
+    if let Some(mut stdin) = stdin {
+        // A worker that exits without reading stdin gives EPIPE here: normal.
+        if !body.is_empty() {
+            let _ = stdin.write_all(body).await;
+        }
+        drop(stdin);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Where a stream's bytes go besides the log: a bounded capture (stdout for
+/// replies) or a rolling tail (stderr).
+struct Sink {
+    buf: Vec<u8>,
+    limit: usize,
+    tail: bool,
+    truncated: bool,
+}
+
+impl Sink {
+    fn capture(limit: usize) -> Self {
+        Sink {
+            buf: Vec::new(),
+            limit,
+            tail: false,
+            truncated: false,
+        }
+    }
+
+    fn tail(limit: usize) -> Self {
+        Sink {
+            buf: Vec::new(),
+            limit,
+            tail: true,
+            truncated: false,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        if self.limit == 0 {
+            return;
+        }
+        if self.tail {
+            self.buf
+                .extend_from_slice(&data[data.len().saturating_sub(self.limit)..]);
+            if self.buf.len() > 2 * self.limit {
+                let cut = self.buf.len() - self.limit;
+                self.buf.drain(..cut);
+            }
+        } else {
+            let room = self.limit - self.buf.len();
+            if data.len() > room {
+                self.truncated = true;
+            }
+            self.buf.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+
+    fn into_bytes(mut self) -> Vec<u8> {
+        if self.tail && self.buf.len() > self.limit {
+            let cut = self.buf.len() - self.limit;
+            self.buf.drain(..cut);
+        }
+        self.buf
+    }
+}
+
+async fn pump<R: AsyncRead + Unpin>(
+    reader: Option<R>,
+    sink: &mut Sink,
+    stream: Stream,
+    log: &LogContext,
+    pid: Option<u32>,
+) {
+    let Some(mut reader) = reader else { return };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut line: Vec<u8> = Vec::new();
+    let mut dropped = 0usize;
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        sink.push(chunk);
+        let mut rest = chunk;
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+            take_bounded(&mut line, &mut dropped, &rest[..pos]);
+            log_line(&line, dropped, stream, log, pid);
+            line.clear();
+            dropped = 0;
+            rest = &rest[pos + 1..];
+        }
+        take_bounded(&mut line, &mut dropped, rest);
+    }
+    if !line.is_empty() || dropped > 0 {
+        log_line(&line, dropped, stream, log, pid);
+    }
+}
+
+fn take_bounded(line: &mut Vec<u8>, dropped: &mut usize, data: &[u8]) {
+    let room = MAX_LOG_LINE.saturating_sub(line.len());
+    let keep = data.len().min(room);
+    line.extend_from_slice(&data[..keep]);
+    *dropped += data.len() - keep;
+}
+
+fn log_line(line: &[u8], dropped: usize, stream: Stream, log: &LogContext, pid: Option<u32>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = String::from_utf8_lossy(line);
+    let pid = pid.unwrap_or(0);
+    let cut = if dropped > 0 {
+        format!(" [{dropped} more bytes not logged]")
+    } else {
+        String::new()
+    };
+    match stream {
+        Stream::Stdout => tracing::info!(
+            target: "amqp_exec::worker",
+            queue = %log.queue, message_id = %log.message_id, attempt = log.attempt, pid,
+            stream = "stdout", "{text}{cut}"
+        ),
+        Stream::Stderr => tracing::warn!(
+            target: "amqp_exec::worker",
+            queue = %log.queue, message_id = %log.message_id, attempt = log.attempt, pid,
+            stream = "stderr", "{text}{cut}"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> LogContext {
+        LogContext {
+            queue: "q".into(),
+            message_id: "m".into(),
+            attempt: 1,
+        }
+    }
+
+    fn job<'a>(cmd: &'a [String], body: &'a [u8], log: &'a LogContext) -> Job<'a> {
+        Job {
+            command: cmd,
+            base_env: &[],
+            message_env: &[],
+            working_dir: None,
+            body,
+            timeout: Duration::from_secs(5),
+            kill_grace: Duration::from_millis(200),
+            capture_stdout: 1 << 20,
+            log,
+        }
+    }
+
+    /// Alive and not a zombie (an orphan's zombie may wait for a lazy init).
+    fn running(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+            Err(_) => false,
+        }
+    }
+
+    fn argv(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn echoes_body_and_reports_exit() {
+        let log = ctx();
+        let cmd = argv(&["/bin/cat"]);
+        let r = run(job(&cmd, b"a\0b\xff", &log), &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Exit(0));
+        assert_eq!(r.stdout, b"a\0b\xff");
+
+        let cmd = argv(&["/bin/sh", "-c", "echo oops >&2; exit 3"]);
+        let r = run(job(&cmd, b"", &log), &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Exit(3));
+        assert_eq!(r.stderr_tail, b"oops\n");
+    }
+
+    #[tokio::test]
+    async fn spawn_failure() {
+        let log = ctx();
+        let cmd = argv(&["/nonexistent/worker"]);
+        let r = run(job(&cmd, b"x", &log), &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::SpawnFailed);
+        assert!(String::from_utf8_lossy(&r.stderr_tail).contains("/nonexistent/worker"));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_group_including_grandchild() {
+        let log = ctx();
+        let cmd = argv(&["/bin/sh", "-c", "sleep 1000 & echo $!; wait"]);
+        let mut j = job(&cmd, b"", &log);
+        j.timeout = Duration::from_millis(300);
+        let r = run(j, &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Timeout);
+        let grandchild: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+        assert!(!running(grandchild), "grandchild survived");
+    }
+
+    #[tokio::test]
+    async fn background_child_holding_stdout_does_not_hang() {
+        let log = ctx();
+        let cmd = argv(&["/bin/sh", "-c", "sleep 1000 & echo $!; exit 0"]);
+        let r = run(job(&cmd, b"", &log), &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Exit(0));
+        assert!(r.elapsed < Duration::from_secs(3));
+        let grandchild: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+        assert!(!running(grandchild), "background child survived");
+    }
+
+    #[test]
+    fn sinks_are_bounded() {
+        let mut t = Sink::tail(4);
+        t.push(b"abcdef");
+        t.push(b"gh");
+        assert_eq!(t.into_bytes(), b"efgh");
+        let mut c = Sink::capture(3);
+        c.push(b"ab");
+        c.push(b"cd");
+        assert!(c.truncated);
+        assert_eq!(c.into_bytes(), b"abc");
+    }
+}

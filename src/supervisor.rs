@@ -1,0 +1,436 @@
+//! The supervisor: owns the broker connection and reconnects it, runs one
+//! consumer loop per queue on it, caps concurrency, and drains on shutdown.
+//!
+//! Shutdown is passed around as cancellation tokens: `stop` ends consuming
+//! (signals, `--max-jobs`, `--exit-when-idle`); `interrupt` kills running
+//! workers (shutdown grace expired, or a second signal).
+
+use crate::config::{Config, OnConnectionLoss, QueueConfig};
+use crate::metrics::{self, GlobalStats, QueueStats};
+use crate::{broker, consumer, systemd};
+use futures_lite::StreamExt;
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Variables a worker never inherits from the supervisor.
+const WITHHELD_ENV: &[&str] = &[
+    "AMQP_URL",
+    "AMQP_EXEC_CONFIG",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// Reconnect backoff bounds.
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Options of `amqp-exec run` that are not in the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Exit after this many jobs finished and were acked.
+    pub max_jobs: Option<u64>,
+    /// Exit once no delivery arrived for this long and no job runs.
+    pub exit_when_idle: Option<Duration>,
+}
+
+/// One configured queue and its live state, kept across reconnects.
+pub struct QueueState {
+    pub cfg: QueueConfig,
+    pub name: Arc<str>,
+    /// One permit per worker the queue may run.
+    pub slots: Arc<Semaphore>,
+    /// The environment every worker of the queue starts with.
+    pub base_env: Vec<(OsString, OsString)>,
+    pub stats: Arc<QueueStats>,
+    /// Bumped by a job whose worker could not be started.
+    pub spawn_failed: watch::Sender<u64>,
+    /// Cancelled to kill this queue's running workers; replaced after use.
+    interrupt: Mutex<CancellationToken>,
+}
+
+impl QueueState {
+    pub fn new(cfg: QueueConfig, shared: &Shared) -> Self {
+        QueueState {
+            name: Arc::from(cfg.name.as_str()),
+            slots: Arc::new(Semaphore::new(cfg.concurrency)),
+            base_env: worker_env(&cfg),
+            stats: Arc::new(QueueStats::default()),
+            spawn_failed: watch::Sender::new(0),
+            interrupt: Mutex::new(shared.interrupt.child_token()),
+            cfg,
+        }
+    }
+
+    /// The token a new job watches for "stop this worker now".
+    pub fn interrupt_token(&self) -> CancellationToken {
+        self.interrupt.lock().expect("not poisoned").clone()
+    }
+
+    /// Kills the running workers of this queue (connection lost with
+    /// `on_connection_loss = "kill"`); later jobs get a fresh token.
+    fn interrupt_running(&self, shared: &Shared) {
+        let mut token = self.interrupt.lock().expect("not poisoned");
+        token.cancel();
+        *token = shared.interrupt.child_token();
+    }
+}
+
+/// State shared by the connection loop, the consumer loops and the jobs.
+pub struct Shared {
+    /// `max_workers` permits.
+    pub global: Arc<Semaphore>,
+    pub stop: CancellationToken,
+    pub interrupt: CancellationToken,
+    /// Every running job.
+    pub tracker: TaskTracker,
+    pub stats: GlobalStats,
+    max_jobs: Option<u64>,
+    claimed: AtomicU64,
+    finished: AtomicU64,
+    last_delivery: Mutex<Instant>,
+    ready: AtomicUsize,
+    queue_count: usize,
+}
+
+impl Shared {
+    fn new(max_workers: usize, max_jobs: Option<u64>, queue_count: usize) -> Self {
+        Shared {
+            global: Arc::new(Semaphore::new(max_workers)),
+            stop: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            stats: GlobalStats::default(),
+            max_jobs,
+            claimed: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            last_delivery: Mutex::new(Instant::now()),
+            ready: AtomicUsize::new(0),
+            queue_count,
+        }
+    }
+
+    /// Reserves a job under `--max-jobs`; false once the limit is reached.
+    pub fn claim_job(&self) -> bool {
+        let Some(max) = self.max_jobs else {
+            return true;
+        };
+        if self.claimed.fetch_add(1, Ordering::SeqCst) < max {
+            true
+        } else {
+            self.claimed.fetch_sub(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    pub fn unclaim_job(&self) {
+        if self.max_jobs.is_some() {
+            self.claimed.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A job ended; `acked` if its delivery was acked (success, drop, retry or
+    /// dead letter). Under `--max-jobs`, the last one stops the supervisor.
+    pub fn job_finished(&self, acked: bool) {
+        let Some(max) = self.max_jobs else { return };
+        if acked {
+            if self.finished.fetch_add(1, Ordering::SeqCst) + 1 >= max {
+                tracing::info!("{max} jobs done (--max-jobs); stopping");
+                self.stop.cancel();
+            }
+        } else {
+            self.unclaim_job();
+        }
+    }
+
+    pub fn delivery_arrived(&self) {
+        *self.last_delivery.lock().expect("not poisoned") = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_delivery.lock().expect("not poisoned").elapsed()
+    }
+
+    /// A queue is consuming (or paused on purpose); the last one makes the
+    /// service ready.
+    pub fn queue_ready(&self) {
+        if self.ready.fetch_add(1, Ordering::SeqCst) + 1 == self.queue_count {
+            systemd::notify_ready();
+        }
+    }
+}
+
+/// The environment a queue's workers start from: the supervisor's own minus
+/// what they must not see (broker URL, systemd sockets), or only `PATH` with
+/// `clear_env`; then the queue's `env`.
+fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = if cfg.clear_env {
+        vec![(
+            "PATH".into(),
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )]
+    } else {
+        std::env::vars_os()
+            .filter(|(k, _)| {
+                let k = k.to_string_lossy();
+                !WITHHELD_ENV.contains(&k.as_ref()) && !k.starts_with("AMQP_EXEC_")
+            })
+            .collect()
+    };
+    for (k, v) in &cfg.env {
+        env.retain(|(existing, _)| existing != k.as_str());
+        env.push((k.into(), v.into()));
+    }
+    env
+}
+
+/// Runs the supervisor until it is told to stop and has drained.
+pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
+    let shared = Arc::new(Shared::new(
+        cfg.max_workers,
+        opts.max_jobs,
+        cfg.queues.len(),
+    ));
+    for q in &cfg.queues {
+        if q.timeout > Duration::from_secs(30 * 60) {
+            tracing::warn!(
+                queue = %q.name,
+                "timeout {} exceeds RabbitMQ's default consumer_timeout (30m): raise consumer_timeout \
+                 on the broker, or the broker will close the channel of long jobs",
+                crate::config::format_duration(q.timeout)
+            );
+        }
+    }
+    let queues: Vec<Arc<QueueState>> = cfg
+        .queues
+        .iter()
+        .cloned()
+        .map(|q| Arc::new(QueueState::new(q, &shared)))
+        .collect();
+
+    spawn_signal_handler(shared.clone(), cfg.shutdown_grace);
+    if let Some(idle) = opts.exit_when_idle {
+        spawn_idle_watch(shared.clone(), idle);
+    }
+    systemd::spawn_status(shared.clone(), queues.clone());
+
+    let name = format!(
+        "amqp-exec {} pid {}",
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    );
+    let mut url_index = 0;
+    let mut backoff = RECONNECT_MIN;
+    let mut first = true;
+    while !shared.stop.is_cancelled() {
+        let attempt = tokio::select! {
+            r = broker::connect_any(&cfg.broker, url_index, &name) => r,
+            _ = shared.stop.cancelled() => break,
+        };
+        let (conn, index) = match attempt {
+            Ok(ok) => ok,
+            Err(e) => {
+                let wait = jittered(backoff);
+                tracing::error!(
+                    "broker unreachable ({e}); retrying in {:.1}s",
+                    wait.as_secs_f64()
+                );
+                url_index += 1;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shared.stop.cancelled() => break,
+                }
+            }
+        };
+        url_index = index;
+        backoff = RECONNECT_MIN;
+        if !first {
+            metrics::inc(&shared.stats.reconnects);
+        }
+        first = false;
+        shared.stats.connected.store(1, Ordering::Relaxed);
+        tracing::info!("connected to {}", broker::redact(&cfg.broker.urls[index]));
+        let lost = session(Arc::new(conn), &queues, &shared).await;
+        shared.stats.connected.store(0, Ordering::Relaxed);
+        if lost {
+            url_index += 1;
+            let wait = jittered(RECONNECT_MIN);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shared.stop.cancelled() => {}
+            }
+        }
+    }
+
+    systemd::notify_stopping();
+    let running = shared.tracker.len();
+    if running > 0 {
+        tracing::info!("waiting for {running} running job(s) to finish");
+    }
+    shared.tracker.close();
+    shared.tracker.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs all consumers on one connection. Returns true if the connection was
+/// lost, false on shutdown (after the running jobs finished and the
+/// connection was closed).
+async fn session(
+    conn: Arc<lapin::Connection>,
+    queues: &[Arc<QueueState>],
+    shared: &Arc<Shared>,
+) -> bool {
+    let conn_lost = CancellationToken::new();
+    let mut events = conn.events_listener();
+    let watcher = {
+        let conn_lost = conn_lost.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    lapin::Event::Error(e) => {
+                        tracing::error!("connection lost: {e}");
+                        conn_lost.cancel();
+                        break;
+                    }
+                    lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
+                        "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
+                    ),
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!("the broker unblocked publishing")
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    let mut consumers = tokio::task::JoinSet::new();
+    for q in queues {
+        consumers.spawn(consumer::run_queue(
+            q.clone(),
+            conn.clone(),
+            shared.clone(),
+            conn_lost.clone(),
+        ));
+    }
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = conn_lost.cancelled() => break,
+            _ = shared.stop.cancelled() => break,
+            _ = poll.tick() => {
+                if !conn.status().connected() {
+                    tracing::error!("connection lost");
+                    conn_lost.cancel();
+                    break;
+                }
+            }
+        }
+    }
+    while consumers.join_next().await.is_some() {}
+    if conn_lost.is_cancelled() {
+        let running = shared.tracker.len();
+        for q in queues {
+            if q.cfg.on_connection_loss == OnConnectionLoss::Kill {
+                q.interrupt_running(shared);
+            }
+        }
+        if running > 0 {
+            tracing::warn!(
+                "{running} job(s) were running when the connection was lost; \
+                 they cannot be acked and the broker will redeliver their messages"
+            );
+        }
+        watcher.abort();
+        return true;
+    }
+    // Shutdown: jobs still need this connection to settle their messages.
+    shared.tracker.close();
+    shared.tracker.wait().await;
+    let _ = conn.close(200, "amqp-exec shutting down".into()).await;
+    watcher.abort();
+    false
+}
+
+fn spawn_signal_handler(shared: Arc<Shared>, grace: Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            "{name}: stopping; {} running job(s) get up to {}s to finish",
+            shared.tracker.len(),
+            grace.as_secs_f64()
+        );
+        shared.stop.cancel();
+        let interrupt = shared.interrupt.clone();
+        let tracker = shared.tracker.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if !tracker.is_empty() {
+                tracing::warn!(
+                    "shutdown_grace expired: stopping {} running job(s); their messages go back to the queue",
+                    tracker.len()
+                );
+                interrupt.cancel();
+            }
+        });
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::warn!(
+            "second {name}: stopping running jobs now; their messages go back to the queue"
+        );
+        shared.interrupt.cancel();
+    });
+}
+
+fn spawn_idle_watch(shared: Arc<Shared>, idle: Duration) {
+    tokio::spawn(async move {
+        let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        loop {
+            tokio::time::sleep(tick).await;
+            if shared.stop.is_cancelled() {
+                return;
+            }
+            if shared.tracker.is_empty() && shared.idle_for() >= idle {
+                tracing::info!(
+                    "no delivery for {:.1}s (--exit-when-idle); stopping",
+                    idle.as_secs_f64()
+                );
+                shared.stop.cancel();
+                return;
+            }
+        }
+    });
+}
+
+/// `d` scaled by a random factor in [0.75, 1.25).
+fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    let r = (h.finish() % 10_000) as f64 / 10_000.0;
+    d.mul_f64(0.75 + r * 0.5)
+}
