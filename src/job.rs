@@ -178,8 +178,8 @@ async fn settle(
             let tail = String::from_utf8_lossy(&result.stderr_tail);
             tracing::error!(
                 queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
-                "job failed for good; dead-lettering to {}: {}", queue.cfg.dead_queue(),
-                tail.lines().last().unwrap_or("")
+                "job failed for good; dead-lettering to {}{}", queue.cfg.dead_queue(),
+                tail.lines().rfind(|l| !l.trim().is_empty()).map(|l| format!(": {l}")).unwrap_or_default()
             );
             let mut table = copy_headers(delivery.properties.headers().as_ref());
             table.insert(EXIT_HEADER.into(), long_string(&label));

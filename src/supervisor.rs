@@ -358,8 +358,8 @@ async fn session(
     // Shutdown: jobs still need this connection to settle their messages.
     shared.tracker.close();
     shared.tracker.wait().await;
-    let _ = conn.close(200, "amqp-exec shutting down".into()).await;
     watcher.abort();
+    let _ = conn.close(200, "amqp-exec shutting down".into()).await;
     false
 }
 

@@ -1,0 +1,530 @@
+//! Test helpers: the real broker, the real binary, unique queue names,
+//! ledgers kept by test workers, and process checks.
+#![allow(dead_code)]
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, message::Delivery};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_amqp-exec");
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Path of a file under the repository root.
+pub fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A queue name no other test or run uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "test-{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A connection to the real broker, for publishing and inspecting queues.
+/// Deletes the queues it was given when dropped.
+pub struct Broker {
+    pub conn: Connection,
+    pub channel: Channel,
+    cleanup: Vec<String>,
+}
+
+impl Broker {
+    /// Connects, or fails the test with a message saying what to start.
+    pub async fn connect() -> Broker {
+        let url = amqp_url();
+        let conn = match tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(&url, ConnectionProperties::default()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!(
+                "RabbitMQ is not reachable at {url}: {e}. These tests need a real broker: \
+                 run deploy/ensure-rabbitmq.sh or set AMQP_URL."
+            ),
+            Err(_) => panic!(
+                "RabbitMQ at {url} did not answer within 10s. These tests need a real broker: \
+                 run deploy/ensure-rabbitmq.sh or set AMQP_URL."
+            ),
+        };
+        let channel = conn.create_channel().await.expect("open channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        Broker {
+            conn,
+            channel,
+            cleanup: Vec::new(),
+        }
+    }
+
+    /// Registers a work queue (and its retry and dead queues, by prefix) for
+    /// deletion at the end of the test.
+    pub fn owns(&mut self, queue: &str) {
+        self.cleanup.push(queue.to_owned());
+    }
+
+    /// Declares a durable queue.
+    pub async fn declare(&mut self, queue: &str) {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+        self.owns(queue);
+    }
+
+    /// Messages ready in `queue`, or None if it does not exist.
+    pub async fn count(&self, queue: &str) -> Option<u32> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let r = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+        let _ = ch.close(200, "ok".into()).await;
+        r
+    }
+
+    pub async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "publish to {queue} not confirmed: {confirm:?}"
+        );
+    }
+
+    pub async fn publish_id(&self, queue: &str, id: &str, body: &[u8]) {
+        self.publish(
+            queue,
+            body,
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await
+    }
+
+    /// Takes every message out of `queue` (acked: they are removed).
+    pub async fn drain(&self, queue: &str) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            out.push(m.delivery);
+        }
+        out
+    }
+
+    /// Waits until `queue` holds `n` messages.
+    pub async fn wait_count(&self, queue: &str, n: u32, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let c = self.count(queue).await;
+            if c == Some(n) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!("queue {queue} holds {c:?} messages, expected {n}, after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deletes the owned queues and their retry and dead queues now.
+    pub async fn cleanup(&mut self) {
+        let names = std::mem::take(&mut self.cleanup);
+        delete_queues(&self.conn, &names).await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.cleanup);
+        if names.is_empty() {
+            return;
+        }
+        // A failed test still removes its queues, from a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(conn) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                {
+                    delete_queues(&conn, &names).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn delete_queues(conn: &Connection, names: &[String]) {
+    let mut all = Vec::new();
+    for n in names {
+        all.push(n.clone());
+        all.push(format!("{n}.dead"));
+        for d in [
+            "100ms", "200ms", "300ms", "500ms", "600ms", "1s", "2s", "10s", "1m", "5m", "30m",
+        ] {
+            all.push(format!("{n}.retry.{d}"));
+        }
+    }
+    for q in all {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch.close(200, "ok".into()).await;
+        }
+    }
+}
+
+/// A header of a delivery as a string, for assertions.
+pub fn header(d: &Delivery, key: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match d.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+pub fn message_id(d: &Delivery) -> String {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// A temporary directory with a config file in it.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.file(name);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+
+    /// Writes an executable script.
+    pub fn script(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.write(name, text);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// Lines of the ledger kept by `workers/testing/record.sh`:
+    /// (message id, attempt, start ns, end ns, pid).
+    pub fn ledger(&self) -> Vec<Run> {
+        let text = std::fs::read_to_string(self.file("ledger")).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Run {
+                    id: f[0].to_owned(),
+                    attempt: f[1].parse().unwrap_or(0),
+                    start: f[2].parse().unwrap_or(0),
+                    end: f[3].parse().unwrap_or(0),
+                    pid: f.get(4).and_then(|p| p.parse().ok()).unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub id: String,
+    pub attempt: u32,
+    pub start: u128,
+    pub end: u128,
+    pub pid: i32,
+}
+
+/// Most runs that overlapped in time.
+pub fn max_overlap(runs: &[Run]) -> usize {
+    let mut events: Vec<(u128, i32)> = Vec::new();
+    for r in runs {
+        events.push((r.start, 1));
+        events.push((r.end, -1));
+    }
+    // Ends sort before starts at the same instant.
+    events.sort();
+    let (mut cur, mut max) = (0i32, 0i32);
+    for (_, d) in events {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as usize
+}
+
+/// Runs per message id.
+pub fn runs_by_id(runs: &[Run]) -> BTreeMap<String, Vec<Run>> {
+    let mut m: BTreeMap<String, Vec<Run>> = BTreeMap::new();
+    for r in runs {
+        m.entry(r.id.clone()).or_default().push(r.clone());
+    }
+    m
+}
+
+/// The real `amqp-exec run`, with its log in a file.
+pub struct Supervisor {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Supervisor {
+    pub fn start(work: &Workdir, config: &str, args: &[&str]) -> Supervisor {
+        Self::start_with_env(work, config, args, &[])
+    }
+
+    pub fn start_with_env(
+        work: &Workdir,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Supervisor {
+        let cfg = work.write("config.toml", config);
+        let log = work.file("supervisor.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .args(args)
+            .env("AMQP_URL", amqp_url())
+            .env("RECORD_DIR", work.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start amqp-exec");
+        Supervisor { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Waits for the supervisor to exit; fails the test with its log after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "amqp-exec did not exit within {timeout:?}; log:\n{}",
+                    tail(&self.log_text(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for exit status 0.
+    pub async fn wait_success(&mut self, timeout: Duration) {
+        let status = self.wait_exit(timeout).await;
+        assert!(
+            status.success(),
+            "amqp-exec exited with {status}; log:\n{}",
+            tail(&self.log_text(), 60)
+        );
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log_text().contains(needle) {
+            if start.elapsed() > timeout {
+                panic!(
+                    "log never showed {needle:?} within {timeout:?}:\n{}",
+                    tail(&self.log_text(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Peak resident memory in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Alive and not a zombie.
+pub fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Runs the CLI and returns (status, stdout, stderr).
+pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> (ExitStatus, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("AMQP_URL", amqp_url())
+        .env_remove("AMQP_EXEC_CONFIG")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run amqp-exec");
+    if let Some(input) = stdin {
+        let mut s = child.stdin.take().unwrap();
+        s.write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Consumes a stream of deliveries from `queue` for tests that need one.
+pub async fn first_delivery(channel: &Channel, queue: &str) -> Delivery {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .expect("a delivery within 30s")
+        .expect("stream open")
+        .expect("delivery")
+}
