@@ -148,6 +148,11 @@ async fn settle(
         Decision::Requeue => {
             if result.outcome == Outcome::SpawnFailed {
                 metrics::inc(&stats.spawn_failures);
+                tracing::error!(
+                    queue = %log.queue, message_id = %log.message_id,
+                    "{}; requeueing the message without counting an attempt",
+                    String::from_utf8_lossy(&result.stderr_tail)
+                );
             } else {
                 tracing::info!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "requeueing the message");
             }
