@@ -2,6 +2,8 @@
 //! ledgers kept by test workers, and process checks.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
