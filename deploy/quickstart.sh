@@ -35,13 +35,8 @@ cargo build --quiet
 BIN=target/debug/amqp-exec
 CONFIG=deploy/example.toml
 
-if [ -z "$(queue_messages hello)" ]; then
-    step "Declare the queues (first start of the supervisor)"
-    "$BIN" --config "$CONFIG" run --exit-when-idle 1s
-fi
-
 step "Publish 5 messages to the queue \"hello\""
-"$BIN" publish --queue hello --message-id quickstart \
+"$BIN" publish --queue hello --declare --message-id quickstart \
     --body "Hello from the amqp-exec quick start" --count 5
 
 step "Run the supervisor (amqp-exec --config $CONFIG run --exit-when-idle 3s)"

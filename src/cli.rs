@@ -88,6 +88,8 @@ pub struct PublishArgs {
     pub message_id: Option<String>,
     pub content_type: Option<String>,
     pub transient: bool,
+    /// Declare the queue (durable) if it does not exist yet.
+    pub declare: bool,
 }
 
 /// Publishes the messages and waits for every confirm.
@@ -154,6 +156,11 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
     }
 
     let (conn, channel) = open(broker, "publish").await?;
+    if args.declare
+        && let Some(q) = &args.queue
+    {
+        declare_if_missing(&conn, q).await?;
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -195,7 +202,14 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
     } else {
         format!("exchange \"{exchange}\" with routing key \"{routing_key}\"")
     };
-    println!("published {total} message(s) to {target}: {confirmed} confirmed");
+    if failed.is_empty() {
+        println!("published {total} message(s) to {target}: {confirmed} confirmed");
+    } else {
+        println!(
+            "published {total} message(s) to {target}: {confirmed} confirmed, {} not accepted",
+            failed.len()
+        );
+    }
     if failed.is_empty() {
         Ok(())
     } else {
@@ -210,6 +224,40 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
             ),
         ))
     }
+}
+
+/// Declares `queue` durable unless it exists (with whatever arguments it has).
+async fn declare_if_missing(conn: &Connection, queue: &str) -> Result<(), Failure> {
+    let probe = conn
+        .create_channel()
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot open a channel: {e}")))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    if probe
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = probe.close(200, "ok".into()).await;
+        return Ok(());
+    }
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot open a channel: {e}")))?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), durable, FieldTable::default())
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot declare queue \"{queue}\": {e}")))?;
+    let _ = channel.close(200, "ok".into()).await;
+    Ok(())
 }
 
 async fn settle_confirm(
@@ -264,7 +312,7 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
             }
             _ => true,
         };
-        match consumer::resolve_command(&q.command[0], path.as_deref()) {
+        match consumer::resolve_command(&q.command[0], path.as_deref(), q.working_dir.as_deref()) {
             Ok(p) if dir_ok => println!("queue \"{}\": command {} ok", q.name, p.display()),
             Ok(_) => {}
             Err(e) => {
@@ -273,6 +321,7 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
             }
         }
     }
+    let mut broker_ok = true;
     match open(&cfg.broker, "check").await {
         Ok((conn, channel)) => {
             println!("broker: connected");
@@ -301,11 +350,14 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
         Err(e) => {
             println!("broker: error: {}", e.message);
             problems += 1;
+            broker_ok = false;
         }
     }
     if problems == 0 {
         println!("all good");
         Ok(())
+    } else if problems == 1 && !broker_ok {
+        Err(Failure::new(EX_UNAVAILABLE, "the broker is unreachable"))
     } else {
         Err(Failure::new(1, format!("{problems} problem(s) found")))
     }

@@ -66,7 +66,8 @@ pub async fn run_queue(
             pause = (pause * 2).min(PAUSE_MAX);
             continue;
         }
-        match consume(
+        let started = std::time::Instant::now();
+        let end = consume(
             &queue,
             &conn,
             &shared,
@@ -74,8 +75,13 @@ pub async fn run_queue(
             &mut declared,
             &mut reported_ready,
         )
-        .await
-        {
+        .await;
+        // A queue that ran well for a while starts its backoff over.
+        if started.elapsed() > PAUSE_MAX {
+            pause = PAUSE_MIN;
+            channel_retry = CHANNEL_RETRY;
+        }
+        match end {
             End::Stopped => break,
             End::SpawnFailed => {
                 tracing::error!(
@@ -273,13 +279,26 @@ pub fn command_available(queue: &QueueState) -> Result<PathBuf, String> {
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone());
-    resolve_command(&queue.cfg.command[0], path.as_deref())
+    resolve_command(
+        &queue.cfg.command[0],
+        path.as_deref(),
+        queue.cfg.working_dir.as_deref(),
+    )
 }
 
-/// Finds `program` as `execvp` would: as a path when it has a slash, else in `path`.
-pub fn resolve_command(program: &str, path: Option<&std::ffi::OsStr>) -> Result<PathBuf, String> {
+/// Finds `program` as the worker's `execvp` will: as a path when it has a
+/// slash (relative to `working_dir` when one is set), else in `path`.
+pub fn resolve_command(
+    program: &str,
+    path: Option<&std::ffi::OsStr>,
+    working_dir: Option<&Path>,
+) -> Result<PathBuf, String> {
     if program.contains('/') {
-        return executable(Path::new(program)).map(|_| PathBuf::from(program));
+        let p = match working_dir {
+            Some(dir) if Path::new(program).is_relative() => dir.join(program),
+            _ => PathBuf::from(program),
+        };
+        return executable(&p).map(|_| p);
     }
     let default_path = std::ffi::OsString::from("/usr/local/bin:/usr/bin:/bin");
     let search = path.unwrap_or(&default_path);

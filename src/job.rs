@@ -195,7 +195,9 @@ async fn settle(
                 long_string(&humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
             );
             table.insert(QUEUE_HEADER.into(), long_string(&log.queue));
-            table.inner_mut_remove(ATTEMPT_HEADER);
+            if table.contains_key(ATTEMPT_HEADER) {
+                table.inner_mut_remove(ATTEMPT_HEADER);
+            }
             let props = delivery.properties.clone().with_headers(table);
             let target = queue.cfg.dead_queue();
             republish_then_ack(delivery, channel, &target, props, log, &stats.dead).await
@@ -266,8 +268,14 @@ fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// The headers to republish with: the original ones minus the quorum
+/// queue's delivery count, which belongs to the old message.
 fn copy_headers(table: Option<&FieldTable>) -> FieldTable {
-    table.cloned().unwrap_or_default()
+    let mut t = table.cloned().unwrap_or_default();
+    if t.contains_key(DELIVERY_COUNT_HEADER) {
+        t.inner_mut_remove(DELIVERY_COUNT_HEADER);
+    }
+    t
 }
 
 trait RemoveKey {
@@ -294,7 +302,7 @@ fn message_env(
 ) -> Vec<(&'static str, String)> {
     let p = &delivery.properties;
     let short = |v: &Option<ShortString>| v.as_ref().map(|s| clean(s.as_str())).unwrap_or_default();
-    let mut env = Vec::with_capacity(12);
+    let mut env = Vec::with_capacity(16);
     env.push(("AMQP_EXEC_QUEUE", queue.name.to_string()));
     env.push(("AMQP_EXEC_MESSAGE_ID", short(p.message_id())));
     env.push(("AMQP_EXEC_CORRELATION_ID", short(p.correlation_id())));

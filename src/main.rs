@@ -82,6 +82,9 @@ enum Command {
         /// Non-persistent messages (delivery mode 1).
         #[arg(long)]
         transient: bool,
+        /// With --queue: declare the queue (durable) if it does not exist.
+        #[arg(long, requires = "queue")]
+        declare: bool,
         /// `-` reads the body from standard input (also the default without --body or --file).
         #[arg(value_name = "-", id = "stdin")]
         stdin: Option<String>,
@@ -219,6 +222,7 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
             message_id,
             content_type,
             transient,
+            declare,
             stdin,
         } => {
             if let Some(s) = &stdin
@@ -246,6 +250,7 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
                     message_id,
                     content_type,
                     transient,
+                    declare,
                 },
             )
             .await

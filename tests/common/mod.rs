@@ -470,9 +470,10 @@ pub fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Alive and not a zombie.
+/// Alive and not a zombie, allowing a second for a signal already sent to
+/// take effect.
 pub fn running(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat
             .rsplit(')')
             .next()
@@ -480,7 +481,14 @@ pub fn running(pid: i32) -> bool {
             .trim_start()
             .starts_with('Z'),
         Err(_) => false,
+    };
+    for _ in 0..100 {
+        if !alive() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
+    true
 }
 
 /// Runs the CLI and returns (status, stdout, stderr).
