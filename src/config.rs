@@ -51,6 +51,8 @@ pub struct Config {
     pub max_workers: usize,
     /// How long running workers may finish after SIGTERM before they are killed.
     pub shutdown_grace: Duration,
+    /// Address of the Prometheus endpoint, if any.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub queues: Vec<QueueConfig>,
 }
 
@@ -72,7 +74,24 @@ pub enum OnConnectionLoss {
     Kill,
 }
 
-#[derive(Debug, Clone)]
+/// Who a queue's workers run as, and with which limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// The `user` key: name, uid, primary gid and home directory.
+    pub user: Option<(String, u32, u32, PathBuf)>,
+    /// The `group` key, overriding the user's primary group.
+    pub group: Option<(String, u32)>,
+    /// `memory_limit` in bytes (RLIMIT_AS).
+    pub memory_limit: Option<u64>,
+    /// `max_open_files` (RLIMIT_NOFILE).
+    pub max_open_files: Option<u64>,
+    /// `cpu_time` in seconds (RLIMIT_CPU).
+    pub cpu_time: Option<u64>,
+    /// `nice`, -20 to 19.
+    pub nice: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueConfig {
     pub name: String,
     pub command: Vec<String>,
@@ -86,6 +105,7 @@ pub struct QueueConfig {
     pub kill_grace: Duration,
     pub max_body_bytes: usize,
     pub on_connection_loss: OnConnectionLoss,
+    pub sandbox: Sandbox,
     pub policy: Policy,
 }
 
@@ -113,6 +133,7 @@ struct RawFile {
     defaults: Option<toml::Table>,
     max_workers: Option<usize>,
     shutdown_grace: Option<String>,
+    metrics: Option<RawMetrics>,
     #[serde(default, rename = "queue")]
     queues: Vec<toml::Table>,
 }
@@ -124,6 +145,20 @@ struct RawBroker {
     urls: Option<Vec<String>>,
     heartbeat: Option<String>,
     connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// A size: a number of bytes, or a string with a unit ("512K", "64M", "1G").
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 /// One `[[queue]]` table, or `[defaults]`: every key is optional here and
@@ -144,8 +179,14 @@ struct RawQueue {
     max_attempts: Option<u32>,
     backoff: Option<Vec<String>>,
     exit_codes: Option<BTreeMap<String, Action>>,
-    max_body_bytes: Option<usize>,
+    max_body_bytes: Option<RawSize>,
     on_connection_loss: Option<OnConnectionLoss>,
+    user: Option<String>,
+    group: Option<String>,
+    memory_limit: Option<RawSize>,
+    max_open_files: Option<u64>,
+    cpu_time: Option<String>,
+    nice: Option<i32>,
 }
 
 /// Reads and validates the config at `path`. `amqp_url`, when set (from the
@@ -214,11 +255,21 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         None => Duration::from_secs(30),
     };
 
+    let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+        Some(addr) => Some(addr.parse().map_err(|_| {
+            err(format!(
+                "[metrics] key `listen`: {addr:?} is not an address:port such as \"127.0.0.1:9464\""
+            ))
+        })?),
+        None => None,
+    };
+
     Ok(Config {
         file: path.to_owned(),
         broker,
         max_workers,
         shutdown_grace,
+        metrics_listen,
         queues,
     })
 }
@@ -339,6 +390,41 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
             .ok_or_else(|| format!("key `exit_codes`: {code:?} is not an exit code (0 to 255)"))?;
         exit_codes.insert(n, action);
     }
+    let max_body_bytes = match raw.max_body_bytes {
+        Some(v) => size_of(v).map_err(|m| format!("key `max_body_bytes`: {m}"))? as usize,
+        None => 64 * 1024 * 1024,
+    };
+    let sandbox = Sandbox {
+        user: match raw.user {
+            Some(name) => Some(lookup_user(&name).map_err(|m| format!("key `user`: {m}"))?),
+            None => None,
+        },
+        group: match raw.group {
+            Some(name) => Some(lookup_group(&name).map_err(|m| format!("key `group`: {m}"))?),
+            None => None,
+        },
+        memory_limit: match raw.memory_limit {
+            Some(v) => Some(size_of(v).map_err(|m| format!("key `memory_limit`: {m}"))?),
+            None => None,
+        },
+        max_open_files: match raw.max_open_files {
+            Some(0) => return Err("key `max_open_files`: must be at least 1".into()),
+            other => other,
+        },
+        cpu_time: match raw.cpu_time {
+            Some(s) => {
+                let d = parse_duration(&s).map_err(|m| format!("key `cpu_time`: {m}"))?;
+                Some(d.as_secs().max(1))
+            }
+            None => None,
+        },
+        nice: match raw.nice {
+            Some(n) if !(-20..=19).contains(&n) => {
+                return Err(format!("key `nice`: {n} is outside -20..19"));
+            }
+            other => other,
+        },
+    };
     Ok(QueueConfig {
         name,
         command,
@@ -350,14 +436,60 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         declare: raw.declare.unwrap_or(true),
         timeout,
         kill_grace,
-        max_body_bytes: raw.max_body_bytes.unwrap_or(64 * 1024 * 1024),
+        max_body_bytes,
         on_connection_loss: raw.on_connection_loss.unwrap_or(OnConnectionLoss::Finish),
+        sandbox,
         policy: Policy {
             max_attempts,
             backoff,
             exit_codes,
         },
     })
+}
+
+fn size_of(raw: RawSize) -> Result<u64, String> {
+    match raw {
+        RawSize::Bytes(n) => Ok(n),
+        RawSize::Text(s) => parse_size(&s),
+    }
+}
+
+/// Parses sizes: a number of bytes with an optional unit K, M, G (powers of
+/// 1024, with or without a trailing "B" or "iB").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || format!("bad size {s:?}: write bytes or a number with K, M or G, e.g. \"64M\"");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+fn lookup_user(name: &str) -> Result<(String, u32, u32, PathBuf), String> {
+    let user = match name.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(name),
+    }
+    .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
+    .ok_or_else(|| format!("no such user {name:?}"))?;
+    Ok((user.name, user.uid.as_raw(), user.gid.as_raw(), user.dir))
+}
+
+fn lookup_group(name: &str) -> Result<(String, u32), String> {
+    let group = match name.parse::<u32>() {
+        Ok(gid) => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)),
+        Err(_) => nix::unistd::Group::from_name(name),
+    }
+    .map_err(|e| format!("cannot look up group {name:?}: {e}"))?
+    .ok_or_else(|| format!("no such group {name:?}"))?;
+    Ok((group.name, group.gid.as_raw()))
 }
 
 /// Parses durations written as a number and a unit: `500ms`, `30s`, `5m`,
@@ -533,6 +665,60 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(90)), "90s");
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
+
+    #[test]
+    fn sandbox_keys() {
+        let c = p(r#"
+            [metrics]
+            listen = "127.0.0.1:9464"
+            [[queue]]
+            name = "a"
+            command = ["x"]
+            user = "root"
+            group = "0"
+            memory_limit = "512M"
+            max_open_files = 256
+            cpu_time = "1m"
+            nice = 10
+            max_body_bytes = "1K"
+        "#)
+        .unwrap();
+        let s = &c.queues[0].sandbox;
+        assert_eq!(s.user.as_ref().unwrap().1, 0);
+        assert_eq!(s.group.as_ref().unwrap().1, 0);
+        assert_eq!(s.memory_limit, Some(512 << 20));
+        assert_eq!(s.max_open_files, Some(256));
+        assert_eq!(s.cpu_time, Some(60));
+        assert_eq!(s.nice, Some(10));
+        assert_eq!(c.queues[0].max_body_bytes, 1024);
+        assert_eq!(c.metrics_listen.unwrap().port(), 9464);
+
+        let e =
+            error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nuser = \"no-such-user-here\"\n");
+        assert!(
+            e.contains("`user`") && e.contains("no-such-user-here"),
+            "{e}"
+        );
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nnice = 40\n");
+        assert!(e.contains("`nice`"), "{e}");
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nmemory_limit = \"lots\"\n");
+        assert!(e.contains("`memory_limit`") && e.contains("lots"), "{e}");
+        let e = error_of(
+            "[metrics]\nlisten = \"nowhere\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
+        );
+        assert!(e.contains("[metrics]") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10").unwrap(), 10);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2kb").unwrap(), 2048);
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999G").is_err());
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub async fn run_queue(
     let mut declared = false;
     let mut reported_ready = false;
     loop {
-        if shared.stop.is_cancelled() || conn_lost.is_cancelled() {
+        if queue.stop.is_cancelled() || conn_lost.is_cancelled() {
             break;
         }
         if let Err(why) = command_available(&queue) {
@@ -60,7 +60,7 @@ pub async fn run_queue(
                 reported_ready = true;
                 shared.queue_ready();
             }
-            if !sleep_or_stop(pause, &shared, &conn_lost).await {
+            if !sleep_or_stop(pause, &queue, &conn_lost).await {
                 break;
             }
             pause = (pause * 2).min(PAUSE_MAX);
@@ -90,7 +90,7 @@ pub async fn run_queue(
                      messages were requeued without counting an attempt",
                     pause.as_secs()
                 );
-                if !sleep_or_stop(pause, &shared, &conn_lost).await {
+                if !sleep_or_stop(pause, &queue, &conn_lost).await {
                     break;
                 }
                 pause = (pause * 2).min(PAUSE_MAX);
@@ -104,7 +104,7 @@ pub async fn run_queue(
                     "{e}; reopening the channel in {}s",
                     channel_retry.as_secs()
                 );
-                if !sleep_or_stop(channel_retry, &shared, &conn_lost).await {
+                if !sleep_or_stop(channel_retry, &queue, &conn_lost).await {
                     break;
                 }
                 channel_retry = (channel_retry * 2).min(CHANNEL_RETRY_MAX);
@@ -114,10 +114,10 @@ pub async fn run_queue(
     }
 }
 
-async fn sleep_or_stop(d: Duration, shared: &Shared, conn_lost: &CancellationToken) -> bool {
+async fn sleep_or_stop(d: Duration, queue: &QueueState, conn_lost: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
-        _ = shared.stop.cancelled() => false,
+        _ = queue.stop.cancelled() => false,
         _ = conn_lost.cancelled() => false,
     }
 }
@@ -183,14 +183,14 @@ async fn consume(
     let end = loop {
         let slot = tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => break End::Stopped,
+            _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
             _ = spawn_failures.changed() => break End::SpawnFailed,
             p = queue.slots.clone().acquire_owned() => p.expect("queue semaphore is never closed"),
         };
         let next = tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => break End::Stopped,
+            _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
             _ = spawn_failures.changed() => break End::SpawnFailed,
             d = consumer.next() => d,

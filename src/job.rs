@@ -90,6 +90,7 @@ pub async fn handle(
             base_env: &queue.base_env,
             message_env: &env,
             working_dir: cfg.working_dir.as_deref(),
+            sandbox: &cfg.sandbox,
             body: &delivery.data,
             timeout: cfg.timeout,
             kill_grace: cfg.kill_grace,
@@ -99,8 +100,9 @@ pub async fn handle(
         runner::run(job, &queue.interrupt_token()).await
     };
     metrics::dec(&queue.stats.running);
-    if result.outcome != Outcome::SpawnFailed {
+    if !matches!(result.outcome, Outcome::SpawnFailed | Outcome::TooLarge) {
         queue.stats.observe_duration(result.elapsed);
+        queue.stats.count_exit(result.outcome.label());
     }
 
     let decision = policy::decide(result.outcome, attempt, &cfg.policy);
@@ -109,6 +111,9 @@ pub async fn handle(
     )
     .await;
     drop(permits);
+    if !settled && decision != Decision::Requeue {
+        metrics::inc(&queue.stats.unsettled);
+    }
     shared.job_finished(settled && decision != Decision::Requeue);
     if result.outcome == Outcome::SpawnFailed {
         queue.spawn_failed.send_modify(|n| *n += 1);

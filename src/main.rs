@@ -194,12 +194,14 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
             max_jobs,
             exit_when_idle,
         } => {
-            let cfg = config::load(&config_path, amqp_url_env().as_deref())?;
+            let url_override = amqp_url_env();
+            let cfg = config::load(&config_path, url_override.as_deref())?;
             supervisor::run(
                 cfg,
                 RunOptions {
                     max_jobs,
                     exit_when_idle,
+                    url_override,
                 },
             )
             .await

@@ -1,9 +1,15 @@
-//! Counters kept by the supervisor: per-queue job outcomes, running workers,
-//! job durations, and connection events. They feed the log summary, the
-//! systemd STATUS line and the Prometheus endpoint.
+//! Metrics: per-queue job outcomes, exit statuses, running workers, job
+//! durations and connection events, kept as atomic counters; rendered in the
+//! Prometheus text format on `/metrics` (with `/healthz` beside it) when
+//! `[metrics] listen` is set. They also feed the systemd STATUS line.
 
+use crate::supervisor::Shared;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bounds (seconds) of the job-duration histogram buckets.
 pub const DURATION_BUCKETS: [f64; 12] = [
@@ -25,12 +31,27 @@ pub struct QueueStats {
     /// Jobs whose outcome could not be recorded (ack or republish failed); the
     /// broker redelivers them.
     pub unsettled: AtomicU64,
+    /// Finished runs by exit label ("0", "75", "SIGKILL", "timeout", ...).
+    exits: Mutex<BTreeMap<String, u64>>,
     buckets: [AtomicU64; DURATION_BUCKETS.len()],
     duration_count: AtomicU64,
     duration_micros: AtomicU64,
 }
 
 impl QueueStats {
+    pub fn count_exit(&self, label: String) {
+        *self
+            .exits
+            .lock()
+            .expect("not poisoned")
+            .entry(label)
+            .or_default() += 1;
+    }
+
+    pub fn exits(&self) -> BTreeMap<String, u64> {
+        self.exits.lock().expect("not poisoned").clone()
+    }
+
     pub fn observe_duration(&self, d: Duration) {
         let secs = d.as_secs_f64();
         for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
@@ -82,9 +103,204 @@ pub fn get(c: &AtomicU64) -> u64 {
     c.load(Relaxed)
 }
 
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The `/metrics` page.
+pub fn render(shared: &Shared) -> String {
+    let queues = shared.queues();
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let per_queue = |f: &dyn Fn(&QueueStats) -> u64| -> Vec<(String, String)> {
+        queues
+            .iter()
+            .map(|q| {
+                (
+                    format!("{{queue=\"{}\"}}", label(&q.name)),
+                    f(&q.stats).to_string(),
+                )
+            })
+            .collect()
+    };
+    let mut jobs = Vec::new();
+    for q in &queues {
+        for (outcome, c) in [
+            ("ok", &q.stats.ok),
+            ("retried", &q.stats.retried),
+            ("dead", &q.stats.dead),
+            ("requeued", &q.stats.requeued),
+            ("dropped", &q.stats.dropped),
+            ("unsettled", &q.stats.unsettled),
+        ] {
+            jobs.push((
+                format!("{{queue=\"{}\",outcome=\"{outcome}\"}}", label(&q.name)),
+                get(c).to_string(),
+            ));
+        }
+    }
+    family(
+        "amqp_exec_jobs_total",
+        "counter",
+        "Jobs by queue and outcome.",
+        jobs,
+    );
+    let mut exits = Vec::new();
+    for q in &queues {
+        for (code, n) in q.stats.exits() {
+            exits.push((
+                format!("{{queue=\"{}\",exit=\"{}\"}}", label(&q.name), label(&code)),
+                n.to_string(),
+            ));
+        }
+    }
+    family(
+        "amqp_exec_worker_exits_total",
+        "counter",
+        "Finished workers by exit status, signal, or timeout.",
+        exits,
+    );
+    family(
+        "amqp_exec_running_workers",
+        "gauge",
+        "Workers running now.",
+        per_queue(&|s| get(&s.running)),
+    );
+    family(
+        "amqp_exec_spawn_failures_total",
+        "counter",
+        "Workers that could not be started.",
+        per_queue(&|s| get(&s.spawn_failures)),
+    );
+    family(
+        "amqp_exec_retries_total",
+        "counter",
+        "Messages republished to a retry queue.",
+        per_queue(&|s| get(&s.retried)),
+    );
+    family(
+        "amqp_exec_dead_letters_total",
+        "counter",
+        "Messages republished to the dead-letter queue.",
+        per_queue(&|s| get(&s.dead)),
+    );
+    let mut hist = Vec::new();
+    for q in &queues {
+        let (buckets, count, sum) = q.stats.durations();
+        let name = label(&q.name);
+        for (bound, n) in DURATION_BUCKETS.iter().zip(buckets) {
+            hist.push((
+                format!("_bucket{{queue=\"{name}\",le=\"{bound}\"}}"),
+                n.to_string(),
+            ));
+        }
+        hist.push((
+            format!("_bucket{{queue=\"{name}\",le=\"+Inf\"}}"),
+            count.to_string(),
+        ));
+        hist.push((format!("_sum{{queue=\"{name}\"}}"), format!("{sum}")));
+        hist.push((format!("_count{{queue=\"{name}\"}}"), count.to_string()));
+    }
+    family(
+        "amqp_exec_job_duration_seconds",
+        "histogram",
+        "Wall time of worker runs.",
+        hist,
+    );
+    family(
+        "amqp_exec_reconnects_total",
+        "counter",
+        "Broker reconnections after a lost connection.",
+        vec![(String::new(), get(&shared.stats.reconnects).to_string())],
+    );
+    family(
+        "amqp_exec_connected",
+        "gauge",
+        "1 while connected to the broker.",
+        vec![(String::new(), get(&shared.stats.connected).to_string())],
+    );
+    out
+}
+
+/// Binds `addr` and serves `/metrics` and `/healthz` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, shared: Arc<Shared>) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("[metrics] cannot listen on {addr}: {e}"))?;
+    tracing::info!("metrics on http://{addr}/metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                let read = async {
+                    while len < buf.len() {
+                        match stream.read(&mut buf[len..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => len += n,
+                        }
+                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                };
+                if tokio::time::timeout(Duration::from_secs(5), read)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let request = String::from_utf8_lossy(&buf[..len]);
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let (status, kind, body) = match path.split('?').next().unwrap_or("") {
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&shared)),
+                    "/healthz" if get(&shared.stats.connected) == 1 => {
+                        ("200 OK", "text/plain", "ok\n".to_owned())
+                    }
+                    "/healthz" => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not connected to the broker\n".to_owned(),
+                    ),
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /healthz\n".to_owned(),
+                    ),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 
     #[test]
     fn histogram_is_cumulative() {

@@ -7,6 +7,7 @@
 //! exits, anything it left behind in that group (background children holding
 //! its pipes, say) is killed, so no stray process outlives its job.
 
+use crate::config::Sandbox;
 use crate::policy::Outcome;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -43,6 +44,7 @@ pub struct Job<'a> {
     /// The variables describing this message.
     pub message_env: &'a [(&'static str, String)],
     pub working_dir: Option<&'a Path>,
+    pub sandbox: &'a Sandbox,
     pub body: &'a [u8],
     pub timeout: Duration,
     pub kill_grace: Duration,
@@ -82,6 +84,7 @@ pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
     if let Some(dir) = job.working_dir {
         cmd.current_dir(dir);
     }
+    apply_sandbox(&mut cmd, job.sandbox);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -191,6 +194,50 @@ pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
         stdout_truncated: out.truncated,
         stdout: out.into_bytes(),
         elapsed: started.elapsed(),
+    }
+}
+
+/// Sets the user, group, resource limits and niceness of the worker. Limits
+/// and niceness need a hook between fork and exec, so they are only set up
+/// for queues that use them.
+fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
+    if let Some((_, uid, gid, _)) = &sandbox.user {
+        cmd.uid(*uid).gid(*gid);
+    }
+    if let Some((_, gid)) = &sandbox.group {
+        cmd.gid(*gid);
+    }
+    let (memory, files, cpu, nice) = (
+        sandbox.memory_limit,
+        sandbox.max_open_files,
+        sandbox.cpu_time,
+        sandbox.nice,
+    );
+    if memory.is_none() && files.is_none() && cpu.is_none() && nice.is_none() {
+        return;
+    }
+    // SAFETY: the hook runs in the child between fork and exec and only makes
+    // async-signal-safe system calls (setrlimit, setpriority); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::sys::resource::{Resource, setrlimit};
+            let limit = |r: Resource, v: Option<u64>| match v {
+                Some(v) => setrlimit(r, v, v).map_err(std::io::Error::from),
+                None => Ok(()),
+            };
+            limit(Resource::RLIMIT_AS, memory)?;
+            limit(Resource::RLIMIT_NOFILE, files)?;
+            if let Some(secs) = cpu {
+                // Soft limit: SIGXCPU at the limit; hard limit a second later: SIGKILL.
+                setrlimit(Resource::RLIMIT_CPU, secs, secs + 1).map_err(std::io::Error::from)?;
+            }
+            if let Some(n) = nice
+                && nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, n) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -389,6 +436,7 @@ mod tests {
             base_env: &[],
             message_env: &[],
             working_dir: None,
+            sandbox: Box::leak(Box::default()),
             body,
             timeout: Duration::from_secs(5),
             kill_grace: Duration::from_millis(200),

@@ -5,15 +5,16 @@
 //! (signals, `--max-jobs`, `--exit-when-idle`); `interrupt` kills running
 //! workers (shutdown grace expired, or a second signal).
 
-use crate::config::{Config, OnConnectionLoss, QueueConfig};
+use crate::config::{self, Config, OnConnectionLoss, QueueConfig};
 use crate::metrics::{self, GlobalStats, QueueStats};
 use crate::{broker, consumer, systemd};
 use futures_lite::StreamExt;
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,6 +41,8 @@ pub struct RunOptions {
     pub max_jobs: Option<u64>,
     /// Exit once no delivery arrived for this long and no job runs.
     pub exit_when_idle: Option<Duration>,
+    /// `AMQP_URL`, which replaces the config's broker URLs (also on reload).
+    pub url_override: Option<String>,
 }
 
 /// One configured queue and its live state, kept across reconnects.
@@ -53,18 +56,32 @@ pub struct QueueState {
     pub stats: Arc<QueueStats>,
     /// Bumped by a job whose worker could not be started.
     pub spawn_failed: watch::Sender<u64>,
+    /// Ends this queue's consumer (shutdown, or the queue was removed or
+    /// changed by a reload). Running jobs are not affected.
+    pub stop: CancellationToken,
     /// Cancelled to kill this queue's running workers; replaced after use.
     interrupt: Mutex<CancellationToken>,
 }
 
 impl QueueState {
     pub fn new(cfg: QueueConfig, shared: &Shared) -> Self {
+        Self::replacing(cfg, shared, None)
+    }
+
+    /// A queue's new state after a reload changed its config; it keeps the
+    /// counters, and the worker slots when the concurrency is unchanged.
+    fn replacing(cfg: QueueConfig, shared: &Shared, old: Option<&QueueState>) -> Self {
+        let slots = match old {
+            Some(o) if o.cfg.concurrency == cfg.concurrency => o.slots.clone(),
+            _ => Arc::new(Semaphore::new(cfg.concurrency)),
+        };
         QueueState {
             name: Arc::from(cfg.name.as_str()),
-            slots: Arc::new(Semaphore::new(cfg.concurrency)),
+            slots,
             base_env: worker_env(&cfg),
-            stats: Arc::new(QueueStats::default()),
+            stats: old.map_or_else(Default::default, |o| o.stats.clone()),
             spawn_failed: watch::Sender::new(0),
+            stop: shared.stop.child_token(),
             interrupt: Mutex::new(shared.interrupt.child_token()),
             cfg,
         }
@@ -99,23 +116,37 @@ pub struct Shared {
     last_delivery: Mutex<Instant>,
     ready: AtomicUsize,
     queue_count: usize,
+    /// The queues now configured (reloads replace entries).
+    pub queues: RwLock<Vec<Arc<QueueState>>>,
+    config_path: PathBuf,
+    url_override: Option<String>,
+    shutdown_grace: Mutex<Duration>,
 }
 
 impl Shared {
-    fn new(max_workers: usize, max_jobs: Option<u64>, queue_count: usize) -> Self {
+    fn new(cfg: &Config, opts: &RunOptions) -> Self {
         Shared {
-            global: Arc::new(Semaphore::new(max_workers)),
+            global: Arc::new(Semaphore::new(cfg.max_workers)),
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             tracker: TaskTracker::new(),
             stats: GlobalStats::default(),
-            max_jobs,
+            max_jobs: opts.max_jobs,
             claimed: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             last_delivery: Mutex::new(Instant::now()),
             ready: AtomicUsize::new(0),
-            queue_count,
+            queue_count: cfg.queues.len(),
+            queues: RwLock::new(Vec::new()),
+            config_path: cfg.file.clone(),
+            url_override: opts.url_override.clone(),
+            shutdown_grace: Mutex::new(cfg.shutdown_grace),
         }
+    }
+
+    /// A snapshot of the configured queues.
+    pub fn queues(&self) -> Vec<Arc<QueueState>> {
+        self.queues.read().expect("not poisoned").clone()
     }
 
     /// Reserves a job under `--max-jobs`; false once the limit is reached.
@@ -185,21 +216,32 @@ fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
             })
             .collect()
     };
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(existing, _)| existing != k);
+        env.push((k.into(), v));
+    };
+    if let Some((name, _, _, home)) = &cfg.sandbox.user {
+        set("USER", name.into());
+        set("LOGNAME", name.into());
+        set("HOME", home.into());
+    }
     for (k, v) in &cfg.env {
-        env.retain(|(existing, _)| existing != k.as_str());
-        env.push((k.into(), v.into()));
+        set(k, v.into());
     }
     env
 }
 
 /// Runs the supervisor until it is told to stop and has drained.
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
-    let shared = Arc::new(Shared::new(
-        cfg.max_workers,
-        opts.max_jobs,
-        cfg.queues.len(),
-    ));
+    let shared = Arc::new(Shared::new(&cfg, &opts));
+    let root = nix::unistd::geteuid().is_root();
     for q in &cfg.queues {
+        if root && q.sandbox.user.is_none() {
+            tracing::warn!(
+                queue = %q.name,
+                "running as root and the queue has no `user`: its workers run as root"
+            );
+        }
         if q.timeout > Duration::from_secs(30 * 60) {
             tracing::warn!(
                 queue = %q.name,
@@ -209,18 +251,22 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
             );
         }
     }
-    let queues: Vec<Arc<QueueState>> = cfg
+    *shared.queues.write().expect("not poisoned") = cfg
         .queues
         .iter()
         .cloned()
         .map(|q| Arc::new(QueueState::new(q, &shared)))
         .collect();
 
-    spawn_signal_handler(shared.clone(), cfg.shutdown_grace);
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
+    spawn_signal_handler(shared.clone(), reload_tx);
     if let Some(idle) = opts.exit_when_idle {
         spawn_idle_watch(shared.clone(), idle);
     }
-    systemd::spawn_status(shared.clone(), queues.clone());
+    systemd::spawn_status(shared.clone());
+    if let Some(addr) = cfg.metrics_listen {
+        metrics::serve(addr, shared.clone()).await?;
+    }
 
     let name = format!(
         "amqp-exec {} pid {}",
@@ -247,10 +293,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
                 );
                 url_index += 1;
                 backoff = (backoff * 2).min(RECONNECT_MAX);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
-                    _ = shared.stop.cancelled() => break,
+                let sleep = tokio::time::sleep(wait);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        _ = shared.stop.cancelled() => break,
+                        Some(()) = reload_rx.recv() => { reload(&shared); }
+                    }
                 }
+                continue;
             }
         };
         url_index = index;
@@ -261,7 +313,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
         first = false;
         shared.stats.connected.store(1, Ordering::Relaxed);
         tracing::info!("connected to {}", broker::redact(&cfg.broker.urls[index]));
-        let lost = session(Arc::new(conn), &queues, &shared).await;
+        let lost = session(Arc::new(conn), &shared, &mut reload_rx).await;
         shared.stats.connected.store(0, Ordering::Relaxed);
         if lost {
             url_index += 1;
@@ -289,8 +341,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
 /// connection was closed).
 async fn session(
     conn: Arc<lapin::Connection>,
-    queues: &[Arc<QueueState>],
     shared: &Arc<Shared>,
+    reload_rx: &mut mpsc::Receiver<()>,
 ) -> bool {
     let conn_lost = CancellationToken::new();
     let mut events = conn.events_listener();
@@ -316,9 +368,9 @@ async fn session(
         })
     };
     let mut consumers = tokio::task::JoinSet::new();
-    for q in queues {
+    for q in shared.queues() {
         consumers.spawn(consumer::run_queue(
-            q.clone(),
+            q,
             conn.clone(),
             shared.clone(),
             conn_lost.clone(),
@@ -329,6 +381,16 @@ async fn session(
         tokio::select! {
             _ = conn_lost.cancelled() => break,
             _ = shared.stop.cancelled() => break,
+            Some(()) = reload_rx.recv() => {
+                for q in reload(shared) {
+                    consumers.spawn(consumer::run_queue(
+                        q,
+                        conn.clone(),
+                        shared.clone(),
+                        conn_lost.clone(),
+                    ));
+                }
+            }
             _ = poll.tick() => {
                 if !conn.status().connected() {
                     tracing::error!("connection lost");
@@ -341,7 +403,7 @@ async fn session(
     while consumers.join_next().await.is_some() {}
     if conn_lost.is_cancelled() {
         let running = shared.tracker.len();
-        for q in queues {
+        for q in shared.queues() {
             if q.cfg.on_connection_loss == OnConnectionLoss::Kill {
                 q.interrupt_running(shared);
             }
@@ -363,20 +425,28 @@ async fn session(
     false
 }
 
-fn spawn_signal_handler(shared: Arc<Shared>, grace: Duration) {
+fn spawn_signal_handler(shared: Arc<Shared>, reload_tx: mpsc::Sender<()>) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let name = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading {}", shared.config_path.display());
+                    let _ = reload_tx.try_send(());
+                }
+            }
         };
+        let grace = *shared.shutdown_grace.lock().expect("not poisoned");
         tracing::info!(
             "{name}: stopping; {} running job(s) get up to {}s to finish",
             shared.tracker.len(),
@@ -404,6 +474,59 @@ fn spawn_signal_handler(shared: Arc<Shared>, grace: Duration) {
         );
         shared.interrupt.cancel();
     });
+}
+
+/// Re-reads the config. Added queues and queues whose settings changed get a
+/// new consumer (returned, to be started on the live connection); removed and
+/// changed queues stop consuming while their running workers finish. An
+/// invalid config is rejected and the running one stays.
+fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
+    let cfg = match config::load(&shared.config_path, shared.url_override.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            tracing::error!("reload rejected, the running config stays: {e}");
+            return Vec::new();
+        }
+    };
+    systemd::notify_reloading();
+    *shared.shutdown_grace.lock().expect("not poisoned") = cfg.shutdown_grace;
+    let mut current = shared.queues.write().expect("not poisoned");
+    let mut next = Vec::with_capacity(cfg.queues.len());
+    let mut started = Vec::new();
+    for qc in cfg.queues {
+        match current.iter().find(|q| q.cfg.name == qc.name) {
+            Some(old) if old.cfg == qc => next.push(old.clone()),
+            Some(old) => {
+                tracing::info!(queue = %qc.name, "reload: queue changed; restarting its consumer");
+                old.stop.cancel();
+                let q = Arc::new(QueueState::replacing(qc, shared, Some(old)));
+                next.push(q.clone());
+                started.push(q);
+            }
+            None => {
+                tracing::info!(queue = %qc.name, "reload: queue added");
+                let q = Arc::new(QueueState::new(qc, shared));
+                next.push(q.clone());
+                started.push(q);
+            }
+        }
+    }
+    for old in current.iter() {
+        if !next.iter().any(|q| q.cfg.name == old.cfg.name) {
+            tracing::info!(
+                queue = %old.name,
+                "reload: queue removed; its running workers finish"
+            );
+            old.stop.cancel();
+        }
+    }
+    *current = next;
+    tracing::info!(
+        "reload done: {} queue(s); broker URLs, max_workers and [metrics] change only on restart",
+        current.len()
+    );
+    systemd::notify_reloaded();
+    started
 }
 
 fn spawn_idle_watch(shared: Arc<Shared>, idle: Duration) {

@@ -26,6 +26,17 @@ pub fn notify_ready() {
     notify(&[NotifyState::Ready]);
 }
 
+pub fn notify_reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(_) => notify(&[NotifyState::Reloading]),
+    }
+}
+
+pub fn notify_reloaded() {
+    notify(&[NotifyState::Ready]);
+}
+
 pub fn notify_stopping() {
     notify(&[NotifyState::Stopping]);
 }
@@ -53,7 +64,7 @@ pub fn status_line(queues: &[Arc<QueueState>]) -> String {
 
 /// Sends STATUS every 2 s and WATCHDOG at half the watchdog interval while
 /// the supervisor is connected, or disconnected for less than five minutes.
-pub fn spawn_status(shared: Arc<Shared>, queues: Vec<Arc<QueueState>>) {
+pub fn spawn_status(shared: Arc<Shared>) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -75,7 +86,7 @@ pub fn spawn_status(shared: Arc<Shared>, queues: Vec<Arc<QueueState>>) {
                 disconnected_since = Some(Instant::now());
             }
             let healthy = disconnected_since.is_none_or(|t| t.elapsed() < UNHEALTHY_AFTER);
-            let status = status_line(&queues);
+            let status = status_line(&shared.queues());
             if watchdog.is_some() && healthy {
                 notify(&[NotifyState::Status(&status), NotifyState::Watchdog]);
             } else {

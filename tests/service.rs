@@ -350,3 +350,362 @@ async fn sd_notify_ready_status_watchdog_stopping() {
     }
     broker.cleanup().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_the_jobs_run() {
+    let mut broker = Broker::connect().await;
+    let q = unique("metrics");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let port = free_port();
+    for i in 0..5 {
+        broker.publish_id(&q, &format!("ok{i}"), b"0").await;
+    }
+    for i in 0..2 {
+        broker.publish_id(&q, &format!("bad{i}"), b"65").await;
+    }
+    let config = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[queue]]\nname = \"{q}\"\ncommand = [\"/bin/sh\", \"-c\", \"exit $(cat)\"]\nconcurrency = 2\n"
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    broker
+        .wait_count(&format!("{q}.dead"), 2, Duration::from_secs(20))
+        .await;
+    let start = Instant::now();
+    let page = loop {
+        let (code, page) = http_get(port, "/metrics");
+        assert_eq!(code, 200);
+        let ok = format!("amqp_exec_jobs_total{{queue=\"{q}\",outcome=\"ok\"}}");
+        if metric(&page, &ok) == Some(5.0) {
+            break page;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "metrics never showed 5 ok:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let l = |s: &str| format!("{{queue=\"{q}\"{s}}}");
+    assert_eq!(
+        metric(
+            &page,
+            &format!("amqp_exec_jobs_total{}", l(",outcome=\"dead\""))
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            &format!("amqp_exec_jobs_total{}", l(",outcome=\"retried\""))
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            &format!("amqp_exec_worker_exits_total{}", l(",exit=\"0\""))
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            &format!("amqp_exec_worker_exits_total{}", l(",exit=\"65\""))
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&page, &format!("amqp_exec_dead_letters_total{}", l(""))),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&page, &format!("amqp_exec_running_workers{}", l(""))),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            &format!("amqp_exec_job_duration_seconds_count{}", l(""))
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            &format!("amqp_exec_job_duration_seconds_bucket{}", l(",le=\"+Inf\""))
+        ),
+        Some(7.0)
+    );
+    assert_eq!(metric(&page, "amqp_exec_connected"), Some(1.0));
+    assert_eq!(metric(&page, "amqp_exec_reconnects_total"), Some(0.0));
+    let (code, body) = http_get(port, "/healthz");
+    assert_eq!((code, body.trim()), (200, "ok"));
+    assert_eq!(http_get(port, "/nope").0, 404);
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_queues_while_running_workers_finish() {
+    let mut broker = Broker::connect().await;
+    let old = unique("reload-old");
+    let kept = unique("reload-kept");
+    let new = unique("reload-new");
+    for q in [&old, &kept, &new] {
+        broker.declare(q).await;
+    }
+    let work = Workdir::new();
+    let w = repo("workers/testing/record.sh");
+    let queue = |name: &str, sleep: &str| {
+        format!(
+            "[[queue]]\nname = \"{name}\"\ncommand = [\"/bin/sh\", \"-c\", \"echo \\\"$AMQP_EXEC_MESSAGE_ID $(date +%s%N)\\\" >> \\\"$RECORD_DIR/starts\\\"; exec \\\"$0\\\"\", \"{w}\"]\nenv = {{ SLEEP = \"{sleep}\" }}\n"
+        )
+    };
+    let first = format!("{}{}", queue(&old, "2"), queue(&kept, "0"));
+    let mut sup = Supervisor::start(&work, &first, &[]);
+    sup.wait_log("all queues started", Duration::from_secs(20))
+        .await;
+    broker.publish_id(&old, "slow", b"x").await;
+    wait_starts(&work, 1, Duration::from_secs(10)).await;
+
+    // Reload: `old` removed while its worker runs, `new` added, `kept` unchanged.
+    work.write(
+        "config.toml",
+        &format!("{}{}", queue(&kept, "0"), queue(&new, "0")),
+    );
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(10)).await;
+    broker.publish_id(&new, "fresh", b"x").await;
+    broker.publish_id(&kept, "steady", b"x").await;
+    broker.publish_id(&old, "orphan", b"x").await;
+    let start = Instant::now();
+    while work.ledger().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ledger: {:?}",
+            work.ledger()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: std::collections::BTreeSet<String> = work.ledger().into_iter().map(|r| r.id).collect();
+    assert!(
+        ids.contains("slow"),
+        "the removed queue's running worker finished"
+    );
+    assert!(ids.contains("fresh") && ids.contains("steady"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !work.ledger().iter().any(|r| r.id == "orphan"),
+        "a removed queue must not be consumed"
+    );
+    assert_eq!(
+        broker.count(&old).await,
+        Some(1),
+        "the slow job was acked; the orphan waits"
+    );
+
+    // An invalid config is rejected and the running one stays.
+    work.write("config.toml", "[[queue]]\nname = \"broken\"\n");
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload rejected", Duration::from_secs(10))
+        .await;
+    broker.publish_id(&new, "still", b"x").await;
+    let start = Instant::now();
+    while !work.ledger().iter().any(|r| r.id == "still") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the old config stopped working"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_as_the_configured_user_with_limits() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches users and must run as root (CI does)"
+    );
+    let mut broker = Broker::connect().await;
+    let q = unique("sandbox");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    broker.publish_id(&q, "m", b"x").await;
+    let config = format!(
+        r#"
+[[queue]]
+name = "{q}"
+command = ["/bin/sh", "-c", "{{ id -un; id -u; ulimit -n; ulimit -v; nice; echo \"home=$HOME\"; env; }} > \"$RECORD_DIR/who\""]
+user = "nobody"
+max_open_files = 77
+memory_limit = "1G"
+nice = 7
+"#
+    );
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "1"]);
+    sup.wait_success(Duration::from_secs(20)).await;
+    let who = std::fs::read_to_string(work.file("who")).unwrap();
+    let lines: Vec<&str> = who.lines().collect();
+    assert_eq!(lines[0], "nobody", "{who}");
+    assert_eq!(lines[2], "77", "max_open_files: {who}");
+    assert_eq!(
+        lines[3],
+        (1u64 << 20).to_string(),
+        "memory_limit in KiB: {who}"
+    );
+    assert_eq!(lines[4], "7", "nice: {who}");
+    assert!(
+        !who.contains("AMQP_URL=") && !who.contains("guest:guest"),
+        "{who}"
+    );
+    assert!(who.contains("USER=nobody"), "{who}");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_error_rebuilds_only_that_queue() {
+    let mut broker = Broker::connect().await;
+    let a = unique("chan-a");
+    let b = unique("chan-b");
+    broker.owns(&a);
+    broker.owns(&b);
+    let work = Workdir::new();
+    let w = repo("workers/testing/record.sh");
+    let config = format!(
+        "[[queue]]\nname = \"{a}\"\ncommand = [\"{w}\"]\n[[queue]]\nname = \"{b}\"\ncommand = [\"{w}\"]\n"
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("all queues started", Duration::from_secs(20))
+        .await;
+    // Deleting a queue under its consumer: the broker cancels that consumer.
+    broker
+        .channel
+        .queue_delete(
+            a.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    broker.publish_id(&b, "b1", b"x").await;
+    sup.wait_log("reopening the channel", Duration::from_secs(10))
+        .await;
+    // The queue is declared again and consumed again.
+    let start = Instant::now();
+    while broker.count(&a).await.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "queue {a} was not declared again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.publish_id(&a, "a1", b"x").await;
+    let start = Instant::now();
+    while work.ledger().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ledger {:?}",
+            work.ledger()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !sup.log_text().contains("connection lost"),
+        "only the channel was rebuilt"
+    );
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_connection_loss_kill_stops_running_workers() {
+    let mut broker = Broker::connect().await;
+    let q = unique("losskill");
+    broker.declare(&q).await;
+    let proxy = Proxy::start(&broker_addr()).await;
+    let work = Workdir::new();
+    let config = format!(
+        "[broker]\nurl = \"{}\"\n[[queue]]\nname = \"{q}\"\non_connection_loss = \"kill\"\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ >> \\\"$RECORD_DIR/pids\\\"; sleep 30\"]\n",
+        url_via(proxy.port)
+    );
+    broker.publish_id(&q, "m", b"x").await;
+    let mut sup = Supervisor::start_with_env(&work, &config, &[], &[("AMQP_URL", "")]);
+    let start = Instant::now();
+    while !work.file("pids").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first: i32 = std::fs::read_to_string(work.file("pids"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    proxy.cut();
+    let t = Instant::now();
+    while running(first) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "worker not killed on connection loss"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The message is redelivered after the reconnect and runs again.
+    let start = Instant::now();
+    while std::fs::read_to_string(work.file("pids"))
+        .unwrap()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "message not redelivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sup.signal(Signal::SIGTERM);
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    broker.wait_count(&q, 1, Duration::from_secs(10)).await;
+    broker.cleanup().await;
+}
