@@ -2,7 +2,9 @@
 //! ledgers kept by test workers, and process checks.
 #![allow(dead_code)]
 
+pub mod mariadb;
 pub mod proxy;
+pub mod smtp;
 
 use futures_lite::StreamExt;
 use lapin::options::{
