@@ -90,49 +90,41 @@ pub struct PublishArgs {
     pub transient: bool,
     /// Declare the queue (durable) if it does not exist yet.
     pub declare: bool,
+    /// Send the messages as tasks and wait this long for their replies.
+    pub reply_timeout: Option<Duration>,
 }
 
-/// Publishes the messages and waits for every confirm.
-pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result<(), Failure> {
-    let (exchange, routing_key) = match (&args.queue, &args.exchange) {
-        (Some(q), None) => (String::new(), q.clone()),
-        (None, Some(e)) => (e.clone(), args.routing_key.clone().unwrap_or_default()),
-        _ => {
-            return Err(Failure::new(
-                2,
-                "give either --queue Q or --exchange E [--routing-key K]",
-            ));
-        }
-    };
-    let input: Vec<u8> = match (&args.body, &args.file) {
-        (Some(b), None) => b.clone().into_bytes(),
-        (None, Some(f)) => std::fs::read(f)
-            .map_err(|e| Failure::new(66, format!("cannot read {}: {e}", f.display())))?,
-        (None, None) => {
-            let mut buf = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .map_err(|e| Failure::new(66, format!("cannot read standard input: {e}")))?;
-            buf
-        }
-        (Some(_), Some(_)) => return Err(Failure::new(2, "give only one of --body and --file")),
-    };
-    let bodies: Vec<&[u8]> = if args.lines {
+/// The message bodies: the whole input, or one per non-empty line.
+fn split_bodies(input: &[u8], lines: bool) -> Vec<&[u8]> {
+    if lines {
         input
             .split(|&b| b == b'\n')
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .filter(|l| !l.is_empty())
             .collect()
     } else {
-        vec![&input[..]]
-    };
-    let total = bodies.len() as u64 * args.count;
-    if total == 0 {
-        return Err(Failure::new(
-            65,
-            "nothing to publish: the input has no lines",
-        ));
+        vec![input]
     }
+}
+
+fn read_input(args: &PublishArgs) -> Result<Vec<u8>, Failure> {
+    match (&args.body, &args.file) {
+        (Some(b), None) => Ok(b.clone().into_bytes()),
+        (None, Some(f)) => std::fs::read(f)
+            .map_err(|e| Failure::new(66, format!("cannot read {}: {e}", f.display()))),
+        (None, None) => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Failure::new(66, format!("cannot read standard input: {e}")))?;
+            Ok(buf)
+        }
+        (Some(_), Some(_)) => Err(Failure::new(2, "give only one of --body and --file")),
+    }
+}
+
+/// Properties shared by all messages of one command, and the id prefix.
+fn base_properties(args: &PublishArgs) -> (BasicProperties, String) {
     let mut table = FieldTable::default();
     for (k, v) in &args.headers {
         table.insert(
@@ -140,7 +132,6 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
             AMQPValue::LongString(LongString::from(v.as_str())),
         );
     }
-    let id_prefix = args.message_id.clone().unwrap_or_else(random_id);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -154,7 +145,48 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
     if let Some(ct) = &args.content_type {
         base = base.with_content_type(ct.as_str().into());
     }
+    (base, args.message_id.clone().unwrap_or_else(random_id))
+}
 
+/// The id of message `n` (from 1) of `total`.
+fn message_id(args: &PublishArgs, prefix: &str, n: u64, total: u64) -> String {
+    if total == 1 && args.message_id.is_some() {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}-{n}")
+    }
+}
+
+fn target(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        format!("queue \"{routing_key}\"")
+    } else {
+        format!("exchange \"{exchange}\" with routing key \"{routing_key}\"")
+    }
+}
+
+/// Publishes the messages and waits for every confirm; with a reply
+/// timeout, sends them as tasks and gathers their replies.
+pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result<(), Failure> {
+    let (exchange, routing_key) = match (&args.queue, &args.exchange) {
+        (Some(q), None) => (String::new(), q.clone()),
+        (None, Some(e)) => (e.clone(), args.routing_key.clone().unwrap_or_default()),
+        _ => {
+            return Err(Failure::new(
+                2,
+                "give either --queue Q or --exchange E [--routing-key K]",
+            ));
+        }
+    };
+    let input = read_input(&args)?;
+    let bodies = split_bodies(&input, args.lines);
+    let total = bodies.len() as u64 * args.count;
+    if total == 0 {
+        return Err(Failure::new(
+            65,
+            "nothing to publish: the input has no lines",
+        ));
+    }
     let (conn, channel) = open(broker, "publish").await?;
     if args.declare
         && let Some(q) = &args.queue
@@ -165,20 +197,33 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
+    let result = match args.reply_timeout {
+        Some(timeout) => request(&channel, &args, &exchange, &routing_key, &bodies, timeout).await,
+        None => fire(&channel, &args, &exchange, &routing_key, &bodies).await,
+    };
+    let _ = conn.close(200, "done".into()).await;
+    result
+}
 
+/// Publishes every message, 1,000 confirms in flight at most.
+async fn fire(
+    channel: &Channel,
+    args: &PublishArgs,
+    exchange: &str,
+    routing_key: &str,
+    bodies: &[&[u8]],
+) -> Result<(), Failure> {
+    let total = bodies.len() as u64 * args.count;
+    let (base, id_prefix) = base_properties(args);
     let mut pending = VecDeque::new();
     let (mut confirmed, mut failed) = (0u64, Vec::new());
     let mut n = 0u64;
     for _ in 0..args.count {
-        for body in &bodies {
+        for body in bodies {
             n += 1;
-            let id = if total == 1 && args.message_id.is_some() {
-                id_prefix.clone()
-            } else {
-                format!("{id_prefix}-{n}")
-            };
+            let id = message_id(args, &id_prefix, n, total);
             let props = base.clone().with_message_id(id.as_str().into());
-            let confirm = publish::send(&channel, &exchange, &routing_key, body, props)
+            let confirm = publish::send(channel, exchange, routing_key, body, props)
                 .await
                 .map_err(|e| {
                     Failure::new(
@@ -196,34 +241,192 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
     while let Some((id, c)) = pending.pop_front() {
         settle_confirm(id, c, &mut confirmed, &mut failed).await?;
     }
-    let _ = conn.close(200, "done".into()).await;
-    let target = if exchange.is_empty() {
-        format!("queue \"{routing_key}\"")
-    } else {
-        format!("exchange \"{exchange}\" with routing key \"{routing_key}\"")
-    };
+    let to = target(exchange, routing_key);
     if failed.is_empty() {
-        println!("published {total} message(s) to {target}: {confirmed} confirmed");
-    } else {
-        println!(
-            "published {total} message(s) to {target}: {confirmed} confirmed, {} not accepted",
-            failed.len()
-        );
+        println!("published {total} message(s) to {to}: {confirmed} confirmed");
+        return Ok(());
     }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        for (id, why) in failed.iter().take(10) {
-            eprintln!("message {id}: {why}");
+    println!(
+        "published {total} message(s) to {to}: {confirmed} confirmed, {} not accepted",
+        failed.len()
+    );
+    for (id, why) in failed.iter().take(10) {
+        eprintln!("message {id}: {why}");
+    }
+    Err(Failure::new(
+        1,
+        format!(
+            "{} of {total} message(s) were not accepted by the broker",
+            failed.len()
+        ),
+    ))
+}
+
+/// RabbitMQ's direct reply-to pseudo-queue: replies come straight back to
+/// this channel's consumer, and nothing is left behind on the broker.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// One task of `publish --reply`.
+struct Task<'a> {
+    body: &'a [u8],
+    sent: std::time::Instant,
+    /// (exit label, reply body, milliseconds from publish to reply)
+    reply: Option<(String, Vec<u8>, u128)>,
+    /// Why it could not be sent.
+    error: Option<String>,
+}
+
+/// Sends the bodies as tasks with `reply_to` and a correlation id each,
+/// waits up to `timeout` for their replies, and prints them: the raw reply
+/// of a single task, or JSON lines in input order. Fails if any task failed
+/// or timed out. The tasks expire from their queue after `timeout`.
+async fn request(
+    channel: &Channel,
+    args: &PublishArgs,
+    exchange: &str,
+    routing_key: &str,
+    bodies: &[&[u8]],
+    timeout: Duration,
+) -> Result<(), Failure> {
+    use futures_lite::StreamExt;
+    let mut replies = channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| Failure::new(1, format!("cannot consume replies: {e}")))?;
+    let total = bodies.len() as u64 * args.count;
+    let (base, id_prefix) = base_properties(args);
+    let correlation = random_id();
+    let base = base
+        .with_reply_to(DIRECT_REPLY_TO.into())
+        .with_expiration(timeout.as_millis().to_string().into());
+    let mut tasks: Vec<Task> = Vec::with_capacity(total as usize);
+    let mut confirms = Vec::with_capacity(total as usize);
+    for _ in 0..args.count {
+        for body in bodies {
+            let n = tasks.len() as u64 + 1;
+            let props = base
+                .clone()
+                .with_message_id(message_id(args, &id_prefix, n, total).as_str().into())
+                .with_correlation_id(format!("{correlation}-{n}").as_str().into());
+            let confirm = publish::send(channel, exchange, routing_key, body, props)
+                .await
+                .map_err(|e| Failure::new(1, format!("publish failed: {e}")))?;
+            confirms.push(confirm);
+            tasks.push(Task {
+                body,
+                sent: std::time::Instant::now(),
+                reply: None,
+                error: None,
+            });
         }
-        Err(Failure::new(
+    }
+    let mut waiting = tasks.len();
+    for (task, confirm) in tasks.iter_mut().zip(confirms) {
+        let checked = confirm
+            .await
+            .map_err(|e| Failure::new(1, format!("lost the broker while publishing: {e}")))
+            .and_then(|c| publish::check(c).map_err(|e| Failure::new(1, e.to_string())));
+        if let Err(e) = checked {
+            task.error = Some(e.message);
+            waiting -= 1;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while waiting > 0 {
+        let next = tokio::select! {
+            d = replies.next() => d,
+            _ = tokio::time::sleep_until(deadline) => break,
+        };
+        let Some(Ok(d)) = next else {
+            return Err(Failure::new(1, "lost the broker while waiting for replies"));
+        };
+        let Some(n) = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .and_then(|c| c.as_str().strip_prefix(&format!("{correlation}-")))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=tasks.len()).contains(n))
+        else {
+            continue;
+        };
+        let task = &mut tasks[n - 1];
+        if task.reply.is_none() && task.error.is_none() {
+            let exit = headers::string(d.properties.headers().as_ref(), EXIT_HEADER)
+                .unwrap_or_else(|| "?".into());
+            task.reply = Some((exit, d.data, task.sent.elapsed().as_millis()));
+            waiting -= 1;
+        }
+    }
+
+    let single = tasks.len() == 1 && !args.lines;
+    let mut problems = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        let what = match (&task.reply, &task.error) {
+            (Some((exit, _, _)), _) if exit == "0" => None,
+            (Some((exit, _, _)), _) => Some(format!("exit {exit}")),
+            (None, Some(e)) => Some(e.clone()),
+            (None, None) => Some(format!(
+                "no reply within {}",
+                config::format_duration(timeout)
+            )),
+        };
+        if let Some(w) = what {
+            problems.push(format!("task {} ({w})", i + 1));
+        }
+        if single {
+            if let Some((_, body, _)) = &task.reply {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(body);
+            }
+        } else {
+            println!("{}", reply_line(task));
+        }
+    }
+    match problems.len() {
+        0 => Ok(()),
+        n => Err(Failure::new(
             1,
             format!(
-                "{} of {total} message(s) were not accepted by the broker",
-                failed.len()
+                "{n} of {} task(s) failed or timed out: {}",
+                tasks.len(),
+                problems.join(", ")
             ),
-        ))
+        )),
     }
+}
+
+/// `{"line": …, "exit": …, "ms": …, "reply": …}` for one task: the reply
+/// embedded as JSON when it parses, else as a string.
+fn reply_line(task: &Task) -> String {
+    use serde_json::{Value, json};
+    let line = String::from_utf8_lossy(task.body);
+    let v = match &task.reply {
+        Some((exit, body, ms)) => {
+            let exit: Value = exit
+                .parse::<i64>()
+                .map_or_else(|_| json!(exit), Value::from);
+            let reply: Value = serde_json::from_slice(body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+            json!({"line": line, "exit": exit, "ms": ms, "reply": reply})
+        }
+        None => json!({
+            "line": line,
+            "exit": Value::Null,
+            "ms": Value::Null,
+            "reply": Value::Null,
+            "error": task.error.clone().unwrap_or_else(|| "timeout".into()),
+        }),
+    };
+    v.to_string()
 }
 
 /// Declares `queue` durable unless it exists (with whatever arguments it has).
@@ -312,9 +515,11 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
             }
             _ => true,
         };
+        if !dir_ok {
+            continue;
+        }
         match consumer::resolve_command(&q.command[0], path.as_deref(), q.working_dir.as_deref()) {
-            Ok(p) if dir_ok => println!("queue \"{}\": command {} ok", q.name, p.display()),
-            Ok(_) => {}
+            Ok(p) => println!("queue \"{}\": command {} ok", q.name, p.display()),
             Err(e) => {
                 println!("queue \"{}\": error: {e}", q.name);
                 problems += 1;

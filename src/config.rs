@@ -74,11 +74,23 @@ pub enum OnConnectionLoss {
     Kill,
 }
 
+/// A user looked up from the `user` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserIdentity {
+    pub name: String,
+    pub uid: u32,
+    /// Primary group.
+    pub gid: u32,
+    /// Supplementary groups, as `initgroups` would set them.
+    pub groups: Vec<u32>,
+    pub home: PathBuf,
+}
+
 /// Who a queue's workers run as, and with which limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sandbox {
-    /// The `user` key: name, uid, primary gid and home directory.
-    pub user: Option<(String, u32, u32, PathBuf)>,
+    /// The `user` key.
+    pub user: Option<UserIdentity>,
     /// The `group` key, overriding the user's primary group.
     pub group: Option<(String, u32)>,
     /// `memory_limit` in bytes (RLIMIT_AS).
@@ -104,6 +116,8 @@ pub struct QueueConfig {
     pub timeout: Duration,
     pub kill_grace: Duration,
     pub max_body_bytes: usize,
+    /// Most stdout bytes sent back as a reply to `reply_to`.
+    pub max_reply_bytes: usize,
     pub on_connection_loss: OnConnectionLoss,
     pub sandbox: Sandbox,
     pub policy: Policy,
@@ -180,6 +194,7 @@ struct RawQueue {
     backoff: Option<Vec<String>>,
     exit_codes: Option<BTreeMap<String, Action>>,
     max_body_bytes: Option<RawSize>,
+    max_reply_bytes: Option<RawSize>,
     on_connection_loss: Option<OnConnectionLoss>,
     user: Option<String>,
     group: Option<String>,
@@ -394,6 +409,10 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         Some(v) => size_of(v).map_err(|m| format!("key `max_body_bytes`: {m}"))? as usize,
         None => 64 * 1024 * 1024,
     };
+    let max_reply_bytes = match raw.max_reply_bytes {
+        Some(v) => size_of(v).map_err(|m| format!("key `max_reply_bytes`: {m}"))? as usize,
+        None => 16 * 1024 * 1024,
+    };
     let sandbox = Sandbox {
         user: match raw.user {
             Some(name) => Some(lookup_user(&name).map_err(|m| format!("key `user`: {m}"))?),
@@ -414,7 +433,12 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         cpu_time: match raw.cpu_time {
             Some(s) => {
                 let d = parse_duration(&s).map_err(|m| format!("key `cpu_time`: {m}"))?;
-                Some(d.as_secs().max(1))
+                if d.subsec_nanos() != 0 || d.is_zero() {
+                    return Err(format!(
+                        "key `cpu_time`: {s:?} must be a whole number of seconds, at least 1s"
+                    ));
+                }
+                Some(d.as_secs())
             }
             None => None,
         },
@@ -437,6 +461,7 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         timeout,
         kill_grace,
         max_body_bytes,
+        max_reply_bytes,
         on_connection_loss: raw.on_connection_loss.unwrap_or(OnConnectionLoss::Finish),
         sandbox,
         policy: Policy {
@@ -472,14 +497,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-fn lookup_user(name: &str) -> Result<(String, u32, u32, PathBuf), String> {
+fn lookup_user(name: &str) -> Result<UserIdentity, String> {
     let user = match name.parse::<u32>() {
         Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
         Err(_) => nix::unistd::User::from_name(name),
     }
     .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
     .ok_or_else(|| format!("no such user {name:?}"))?;
-    Ok((user.name, user.uid.as_raw(), user.gid.as_raw(), user.dir))
+    let cname = std::ffi::CString::new(user.name.clone())
+        .map_err(|_| format!("user name {name:?} contains a NUL byte"))?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|_| vec![user.gid.as_raw()]);
+    Ok(UserIdentity {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups,
+        home: user.dir,
+    })
 }
 
 fn lookup_group(name: &str) -> Result<(String, u32), String> {
@@ -685,7 +721,8 @@ mod tests {
         "#)
         .unwrap();
         let s = &c.queues[0].sandbox;
-        assert_eq!(s.user.as_ref().unwrap().1, 0);
+        assert_eq!(s.user.as_ref().unwrap().uid, 0);
+        assert!(s.user.as_ref().unwrap().groups.contains(&0));
         assert_eq!(s.group.as_ref().unwrap().1, 0);
         assert_eq!(s.memory_limit, Some(512 << 20));
         assert_eq!(s.max_open_files, Some(256));

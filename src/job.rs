@@ -94,7 +94,11 @@ pub async fn handle(
             body: &delivery.data,
             timeout: cfg.timeout,
             kill_grace: cfg.kill_grace,
-            capture_stdout: 0,
+            capture_stdout: if reply_to(&delivery).is_some() {
+                cfg.max_reply_bytes
+            } else {
+                0
+            },
             log: &log,
         };
         runner::run(job, &queue.interrupt_token()).await
@@ -136,6 +140,10 @@ async fn settle(
     match decision {
         Decision::Ack => {
             tracing::debug!(queue = %log.queue, message_id = %log.message_id, attempt, ms, "job done");
+            if !send_reply(delivery, channel, result, attempt, log, false).await {
+                requeue(delivery, log).await;
+                return false;
+            }
             let ok = ack(delivery, log).await;
             if ok {
                 metrics::inc(&stats.ok);
@@ -144,6 +152,10 @@ async fn settle(
         }
         Decision::Drop => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "dropping the message as exit_codes says");
+            if !send_reply(delivery, channel, result, attempt, log, false).await {
+                requeue(delivery, log).await;
+                return false;
+            }
             let ok = ack(delivery, log).await;
             if ok {
                 metrics::inc(&stats.dropped);
@@ -170,6 +182,7 @@ async fn settle(
             next_attempt,
         } => {
             let target = queue.cfg.retry_queue(delay);
+            let failure = None;
             tracing::warn!(
                 queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
                 "job failed; retry {next_attempt}/{} in {}", queue.cfg.policy.max_attempts,
@@ -182,7 +195,16 @@ async fn settle(
             );
             table.insert(EXIT_HEADER.into(), long_string(&label));
             let props = delivery.properties.clone().with_headers(table);
-            republish_then_ack(delivery, channel, &target, props, log, &stats.retried).await
+            republish_then_ack(
+                delivery,
+                channel,
+                &target,
+                props,
+                log,
+                &stats.retried,
+                failure,
+            )
+            .await
         }
         Decision::DeadLetter => {
             let tail = String::from_utf8_lossy(&result.stderr_tail);
@@ -205,11 +227,14 @@ async fn settle(
             }
             let props = delivery.properties.clone().with_headers(table);
             let target = queue.cfg.dead_queue();
-            republish_then_ack(delivery, channel, &target, props, log, &stats.dead).await
+            let failure = Some((result, attempt));
+            republish_then_ack(delivery, channel, &target, props, log, &stats.dead, failure).await
         }
     }
 }
 
+/// Republishes to `target` with confirms, sends the failure reply if
+/// `failure` is given and the message has `reply_to`, then acks.
 async fn republish_then_ack(
     delivery: &Delivery,
     channel: &Channel,
@@ -217,9 +242,16 @@ async fn republish_then_ack(
     props: BasicProperties,
     log: &LogContext,
     counter: &std::sync::atomic::AtomicU64,
+    failure: Option<(&runner::JobResult, u32)>,
 ) -> bool {
     match publish::publish_confirmed(channel, "", target, &delivery.data, props).await {
         Ok(()) => {
+            if let Some((result, attempt)) = failure
+                && !send_reply(delivery, channel, result, attempt, log, true).await
+            {
+                requeue(delivery, log).await;
+                return false;
+            }
             let ok = ack(delivery, log).await;
             if ok {
                 metrics::inc(counter);
@@ -235,6 +267,71 @@ async fn republish_then_ack(
             tokio::time::sleep(Duration::from_secs(1)).await;
             requeue(delivery, log).await;
             false
+        }
+    }
+}
+
+fn reply_to(delivery: &Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .map(|r| r.as_str())
+        .filter(|r| !r.is_empty())
+}
+
+/// Publishes the job's result to the message's `reply_to`, with its
+/// `correlation_id`: stdout on success; on a final failure, the stderr tail
+/// (also in the `x-amqp-exec-stderr` header). Returns false only if the
+/// channel failed, in which case the request must not be acked. A reply
+/// that cannot be delivered (the caller is gone, the queue does not exist)
+/// is logged and the request is acked all the same.
+async fn send_reply(
+    delivery: &Delivery,
+    channel: &Channel,
+    result: &runner::JobResult,
+    attempt: u32,
+    log: &LogContext,
+    failure: bool,
+) -> bool {
+    let Some(to) = reply_to(delivery) else {
+        return true;
+    };
+    let mut h = FieldTable::default();
+    h.insert(EXIT_HEADER.into(), long_string(&result.outcome.label()));
+    h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32));
+    let body: &[u8] = if failure {
+        h.insert(
+            STDERR_HEADER.into(),
+            long_string(&String::from_utf8_lossy(&result.stderr_tail)),
+        );
+        &result.stderr_tail
+    } else {
+        &result.stdout
+    };
+    if result.stdout_truncated && !failure {
+        tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+            "worker output exceeds max_reply_bytes; the reply is cut");
+        h.insert("x-amqp-exec-truncated".into(), AMQPValue::Boolean(true));
+    }
+    let direct = to.starts_with("amq.rabbitmq.reply-to");
+    let mut props = BasicProperties::default()
+        .with_headers(h)
+        .with_delivery_mode(if direct { 1 } else { 2 });
+    if let Some(c) = delivery.properties.correlation_id() {
+        props = props.with_correlation_id(c.clone());
+    }
+    match publish::publish_reply(channel, to, body, props).await {
+        Ok(()) => true,
+        Err(publish::PublishError::Broker(e)) => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "could not send the reply to {to}: {e}");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "reply to {to} not delivered ({e}): the caller is gone or the queue does not exist");
+            true
         }
     }
 }

@@ -85,6 +85,12 @@ enum Command {
         /// With --queue: declare the queue (durable) if it does not exist.
         #[arg(long, requires = "queue")]
         declare: bool,
+        /// Send the messages as tasks and print their replies (JSON lines with --lines).
+        #[arg(long)]
+        reply: bool,
+        /// With --reply: how long to wait for the replies; tasks not started by then expire.
+        #[arg(long, requires = "reply", value_name = "DURATION", value_parser = cli::parse_duration_arg, default_value = "30s")]
+        timeout: Duration,
         /// `-` reads the body from standard input (also the default without --body or --file).
         #[arg(value_name = "-", id = "stdin")]
         stdin: Option<String>,
@@ -225,6 +231,8 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
             content_type,
             transient,
             declare,
+            reply,
+            timeout,
             stdin,
         } => {
             if let Some(s) = &stdin
@@ -253,6 +261,7 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
                     content_type,
                     transient,
                     declare,
+                    reply_timeout: reply.then_some(timeout),
                 },
             )
             .await

@@ -44,18 +44,43 @@ pub async fn send(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<lapin::PublisherConfirm, PublishError> {
+    send_with(channel, exchange, routing_key, body, properties, true).await
+}
+
+async fn send_with(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<lapin::PublisherConfirm, PublishError> {
     Ok(channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory,
                 ..BasicPublishOptions::default()
             },
             body,
             properties,
         )
         .await?)
+}
+
+/// Publishes a reply and waits for its confirm. Replies to RabbitMQ's direct
+/// reply-to pseudo-queue are not mandatory: the broker returns them as
+/// unroutable even when it delivers them.
+pub async fn publish_reply(
+    channel: &Channel,
+    reply_to: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let mandatory = !reply_to.starts_with("amq.rabbitmq.reply-to");
+    let confirm = send_with(channel, "", reply_to, body, properties, mandatory).await?;
+    check(confirm.await?)
 }
 
 /// Checks a confirmation: acked and not returned.

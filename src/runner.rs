@@ -197,15 +197,13 @@ pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
     }
 }
 
-/// Sets the user, group, resource limits and niceness of the worker. Limits
-/// and niceness need a hook between fork and exec, so they are only set up
-/// for queues that use them.
+/// Sets the user, groups, resource limits and niceness of the worker in a
+/// hook between fork and exec, for queues that set any of them: limits and
+/// niceness first, while still privileged, then the identity switch
+/// (supplementary groups, group, user).
 fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
-    if let Some((_, uid, gid, _)) = &sandbox.user {
-        cmd.uid(*uid).gid(*gid);
-    }
-    if let Some((_, gid)) = &sandbox.group {
-        cmd.gid(*gid);
+    if *sandbox == Sandbox::default() {
+        return;
     }
     let (memory, files, cpu, nice) = (
         sandbox.memory_limit,
@@ -213,28 +211,48 @@ fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
         sandbox.cpu_time,
         sandbox.nice,
     );
-    if memory.is_none() && files.is_none() && cpu.is_none() && nice.is_none() {
-        return;
-    }
-    // SAFETY: the hook runs in the child between fork and exec and only makes
-    // async-signal-safe system calls (setrlimit, setpriority); it allocates nothing.
+    let user = sandbox.user.as_ref().map(|u| {
+        let groups: Vec<nix::unistd::Gid> = u
+            .groups
+            .iter()
+            .map(|g| nix::unistd::Gid::from_raw(*g))
+            .collect();
+        (u.uid, u.gid, groups)
+    });
+    let group = sandbox.group.as_ref().map(|(_, gid)| *gid);
+    // SAFETY: the hook runs in the child between fork and exec. It makes only
+    // async-signal-safe system calls (setrlimit, setpriority, setgroups,
+    // setgid, setuid) on values prepared before the fork, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             use nix::sys::resource::{Resource, setrlimit};
+            use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+            let io = std::io::Error::from;
             let limit = |r: Resource, v: Option<u64>| match v {
-                Some(v) => setrlimit(r, v, v).map_err(std::io::Error::from),
+                Some(v) => setrlimit(r, v, v).map_err(io),
                 None => Ok(()),
             };
             limit(Resource::RLIMIT_AS, memory)?;
             limit(Resource::RLIMIT_NOFILE, files)?;
             if let Some(secs) = cpu {
                 // Soft limit: SIGXCPU at the limit; hard limit a second later: SIGKILL.
-                setrlimit(Resource::RLIMIT_CPU, secs, secs + 1).map_err(std::io::Error::from)?;
+                setrlimit(Resource::RLIMIT_CPU, secs, secs + 1).map_err(io)?;
             }
             if let Some(n) = nice
                 && nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, n) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            match (&user, group) {
+                (Some((uid, gid, groups)), group) => {
+                    if Uid::effective().is_root() {
+                        setgroups(groups).map_err(io)?;
+                    }
+                    setgid(Gid::from_raw(group.unwrap_or(*gid))).map_err(io)?;
+                    setuid(Uid::from_raw(*uid)).map_err(io)?;
+                }
+                (None, Some(gid)) => setgid(Gid::from_raw(gid)).map_err(io)?,
+                (None, None) => {}
             }
             Ok(())
         });

@@ -220,10 +220,10 @@ fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
         env.retain(|(existing, _)| existing != k);
         env.push((k.into(), v));
     };
-    if let Some((name, _, _, home)) = &cfg.sandbox.user {
-        set("USER", name.into());
-        set("LOGNAME", name.into());
-        set("HOME", home.into());
+    if let Some(user) = &cfg.sandbox.user {
+        set("USER", user.name.as_str().into());
+        set("LOGNAME", user.name.as_str().into());
+        set("HOME", user.home.as_os_str().into());
     }
     for (k, v) in &cfg.env {
         set(k, v.into());
@@ -231,25 +231,29 @@ fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
     env
 }
 
+/// Startup warnings about a queue's settings.
+fn warn_about(q: &QueueConfig) {
+    if nix::unistd::geteuid().is_root() && q.sandbox.user.is_none() {
+        tracing::warn!(
+            queue = %q.name,
+            "running as root and the queue has no `user`: its workers run as root"
+        );
+    }
+    if q.timeout > Duration::from_secs(30 * 60) {
+        tracing::warn!(
+            queue = %q.name,
+            "timeout {} exceeds RabbitMQ's default consumer_timeout (30m): raise consumer_timeout \
+             on the broker, or the broker will close the channel of long jobs",
+            config::format_duration(q.timeout)
+        );
+    }
+}
+
 /// Runs the supervisor until it is told to stop and has drained.
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
     let shared = Arc::new(Shared::new(&cfg, &opts));
-    let root = nix::unistd::geteuid().is_root();
     for q in &cfg.queues {
-        if root && q.sandbox.user.is_none() {
-            tracing::warn!(
-                queue = %q.name,
-                "running as root and the queue has no `user`: its workers run as root"
-            );
-        }
-        if q.timeout > Duration::from_secs(30 * 60) {
-            tracing::warn!(
-                queue = %q.name,
-                "timeout {} exceeds RabbitMQ's default consumer_timeout (30m): raise consumer_timeout \
-                 on the broker, or the broker will close the channel of long jobs",
-                crate::config::format_duration(q.timeout)
-            );
-        }
+        warn_about(q);
     }
     *shared.queues.write().expect("not poisoned") = cfg
         .queues
@@ -498,6 +502,7 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
             Some(old) if old.cfg == qc => next.push(old.clone()),
             Some(old) => {
                 tracing::info!(queue = %qc.name, "reload: queue changed; restarting its consumer");
+                warn_about(&qc);
                 old.stop.cancel();
                 let q = Arc::new(QueueState::replacing(qc, shared, Some(old)));
                 next.push(q.clone());
@@ -505,6 +510,7 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
             }
             None => {
                 tracing::info!(queue = %qc.name, "reload: queue added");
+                warn_about(&qc);
                 let q = Arc::new(QueueState::new(qc, shared));
                 next.push(q.clone());
                 started.push(q);
@@ -522,7 +528,7 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
     }
     *current = next;
     tracing::info!(
-        "reload done: {} queue(s); broker URLs, max_workers and [metrics] change only on restart",
+        "reload done: {} queue(s); [broker], max_workers and [metrics] change only on restart",
         current.len()
     );
     systemd::notify_reloaded();

@@ -575,11 +575,11 @@ async fn workers_run_as_the_configured_user_with_limits() {
         r#"
 [[queue]]
 name = "{q}"
-command = ["/bin/sh", "-c", "{{ id -un; id -u; ulimit -n; ulimit -v; nice; echo \"home=$HOME\"; env; }} > \"$RECORD_DIR/who\""]
+command = ["/bin/sh", "-c", "{{ id -un; id -u; ulimit -n; ulimit -v; nice; echo \"home=$HOME\"; id -G; env; }} > \"$RECORD_DIR/who\""]
 user = "nobody"
 max_open_files = 77
 memory_limit = "1G"
-nice = 7
+nice = -3
 "#
     );
     let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "1"]);
@@ -593,7 +593,10 @@ nice = 7
         (1u64 << 20).to_string(),
         "memory_limit in KiB: {who}"
     );
-    assert_eq!(lines[4], "7", "nice: {who}");
+    assert_eq!(
+        lines[4], "-3",
+        "nice below 0 works together with user: {who}"
+    );
     assert!(
         !who.contains("AMQP_URL=") && !who.contains("guest:guest"),
         "{who}"
