@@ -372,7 +372,13 @@ async fn request(
     for (i, task) in tasks.iter().enumerate() {
         let what = match (&task.reply, &task.error) {
             (Some((exit, _, _)), _) if exit == "0" => None,
-            (Some((exit, _, _)), _) => Some(format!("exit {exit}")),
+            (Some((exit, body, _)), _) => {
+                let text = String::from_utf8_lossy(body);
+                match text.lines().find(|l| !l.trim().is_empty()) {
+                    Some(first) => Some(format!("exit {exit}: {first}")),
+                    None => Some(format!("exit {exit}")),
+                }
+            }
             (None, Some(e)) => Some(e.clone()),
             (None, None) => Some(format!(
                 "no reply within {}",
@@ -383,7 +389,10 @@ async fn request(
             problems.push(format!("task {} ({w})", i + 1));
         }
         if single {
-            if let Some((_, body, _)) = &task.reply {
+            // A failure's reply (its stderr) goes into the error message instead.
+            if let Some((exit, body, _)) = &task.reply
+                && exit == "0"
+            {
                 use std::io::Write;
                 let _ = std::io::stdout().write_all(body);
             }
