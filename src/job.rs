@@ -194,7 +194,7 @@ async fn settle(
                 AMQPValue::LongInt(next_attempt as i32),
             );
             table.insert(EXIT_HEADER.into(), long_string(&label));
-            let props = delivery.properties.clone().with_headers(table);
+            let props = republished(&delivery.properties, table);
             republish_then_ack(
                 delivery,
                 channel,
@@ -225,7 +225,7 @@ async fn settle(
             if table.contains_key(ATTEMPT_HEADER) {
                 table.inner_mut_remove(ATTEMPT_HEADER);
             }
-            let props = delivery.properties.clone().with_headers(table);
+            let props = republished(&delivery.properties, table);
             let target = queue.cfg.dead_queue();
             let failure = Some((result, attempt));
             republish_then_ack(delivery, channel, &target, props, log, &stats.dead, failure).await
@@ -364,6 +364,49 @@ async fn requeue(delivery: &Delivery, log: &LogContext) {
                 "the channel closed before the message could be requeued; the broker requeues it itself");
         }
     }
+}
+
+/// The properties of a retry or dead letter: the original ones with new
+/// headers, and without a per-message TTL (`expiration`), which would let
+/// the broker drop the message from the retry or dead-letter queue.
+fn republished(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(original.delivery_mode().unwrap_or(2));
+    if let Some(v) = original.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        props = props.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        props = props.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        props = props.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        props = props.with_type(v.clone());
+    }
+    if let Some(v) = original.user_id() {
+        props = props.with_user_id(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        props = props.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        props = props.with_cluster_id(v.clone());
+    }
+    props
 }
 
 fn long_string(s: &str) -> AMQPValue {

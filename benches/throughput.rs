@@ -1,0 +1,566 @@
+//! Throughput benchmark: the real `amqp-exec run` binary against the local
+//! broker, next to baselines measured in the same run.
+//!
+//! `cargo bench --bench throughput [-- --jobs N] [--json PATH]`
+//!
+//! For each concurrency (1, 4, 16) it measures, with `/bin/cat` as the worker
+//! and 1 KiB bodies:
+//! - ours: jobs/s, supervisor CPU µs per job (its own user+system time, from
+//!   /proc, children excluded), supervisor peak RSS;
+//! - (a) a bare spawn-and-wait loop at the same concurrency: the fork/exec limit;
+//! - (b) consume and ack with no spawn: the broker's limit;
+//! - (c) `amqp-consume -p 1 -c N /bin/cat` (Debian package amqp-tools), serial
+//!   as that tool is, when it is installed.
+//!
+//! Latency from publish to worker start (p50, p99) is measured apart, with
+//! messages published one at a time below capacity and a worker that stamps
+//! its start (this binary, re-executed). Memory modes run at concurrency 64
+//! with 1 KiB and 1 MiB bodies.
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_amqp-exec");
+/// Set in the worker's environment (the queue's `env`) for the stamping
+/// worker. amqp-exec never passes its own `AMQP_EXEC_*` variables on.
+const STAMP_ENV: &str = "BENCH_STAMP_FILE";
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The stamping worker: records "<publish ns> <start ns>" and exits.
+fn stamp_worker(file: &str) -> ! {
+    let start = now_ns();
+    let headers = std::env::var("AMQP_EXEC_HEADERS").unwrap_or_default();
+    let published = serde_json::from_str::<serde_json::Value>(&headers)
+        .ok()
+        .and_then(|v| v["published-ns"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(file)
+        .unwrap();
+    let _ = writeln!(f, "{published} {start}");
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).ok();
+    std::process::exit(0)
+}
+
+struct Args {
+    jobs: usize,
+    json: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        jobs: 3000,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--jobs" => a.jobs = it.next().and_then(|n| n.parse().ok()).expect("--jobs N"),
+            "--json" => a.json = it.next(),
+            _ => {} // cargo passes --bench
+        }
+    }
+    a
+}
+
+struct Broker {
+    conn: Connection,
+    ch: Channel,
+}
+
+impl Broker {
+    async fn connect() -> Broker {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "RabbitMQ is not reachable at {}: {e}; start it first",
+                    amqp_url()
+                )
+            });
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Broker { conn, ch }
+    }
+
+    async fn fresh_queue(&self, name: &str) {
+        self.delete(name).await;
+        self.ch
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn delete(&self, name: &str) {
+        for q in [name.to_owned(), format!("{name}.dead")].into_iter().chain(
+            ["1s", "10s", "1m", "5m", "30m"]
+                .iter()
+                .map(|d| format!("{name}.retry.{d}")),
+        ) {
+            let ch = self.conn.create_channel().await.unwrap();
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+
+    async fn publish(&self, queue: &str, n: usize, body: &[u8]) {
+        let mut pending = Vec::with_capacity(n);
+        for i in 0..n {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(format!("m{i}").as_str().into());
+            pending.push(
+                self.ch
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        props,
+                    )
+                    .await
+                    .unwrap(),
+            );
+            if pending.len() >= 500 {
+                for c in pending.drain(..) {
+                    c.await.unwrap();
+                }
+            }
+        }
+        for c in pending {
+            c.await.unwrap();
+        }
+    }
+}
+
+/// What one run of the supervisor cost.
+#[derive(Default, Clone, Copy)]
+struct Ours {
+    rate: f64,
+    cpu_us_per_job: f64,
+    peak_rss_mib: f64,
+}
+
+/// utime + stime of the process alone (clock ticks → µs), from /proc.
+fn own_cpu_us(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit(')').next()?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `after` starts at field 3.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some((utime + stime) / hz * 1e6)
+}
+
+fn peak_rss_kib(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `amqp-exec run --max-jobs n` on a config and measures it.
+fn run_supervisor(config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bench.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .arg("--max-jobs")
+        .arg(n.to_string())
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let child = cmd.spawn().expect("start amqp-exec");
+    let pid = child.id() as i32;
+    let mut peak = 0;
+    // Wait for the exit without reaping, so that /proc still has its times.
+    let waiter = std::thread::spawn(move || {
+        use nix::sys::wait::{Id, WaitPidFlag, waitid};
+        let _ = waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        );
+    });
+    while !waiter.is_finished() {
+        if let Some(k) = peak_rss_kib(pid) {
+            peak = peak.max(k);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = start.elapsed();
+    let cpu = own_cpu_us(pid).unwrap_or(f64::NAN);
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert!(status.success(), "amqp-exec exited with {status}");
+    Ours {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_job: cpu / n as f64,
+        peak_rss_mib: peak as f64 / 1024.0,
+    }
+}
+
+fn queue_config(queue: &str, concurrency: usize, command: &str) -> String {
+    format!(
+        "[[queue]]\nname = \"{queue}\"\ncommand = [\"{command}\"]\nconcurrency = {concurrency}\n"
+    )
+}
+
+/// (a) Spawn /bin/cat with a 1 KiB stdin and wait, from `c` threads.
+fn bare_spawn(n: usize, c: usize, body: &[u8]) -> f64 {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..c {
+            s.spawn(|| {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    let mut child = Command::new("/bin/cat")
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    let mut stdin = child.stdin.take().unwrap();
+                    stdin.write_all(body).unwrap();
+                    drop(stdin);
+                    child.wait_with_output().unwrap();
+                }
+            });
+        }
+    });
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// (b) Consume and ack `n` messages with prefetch `c`, no spawn.
+async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> f64 {
+    let ch = broker.conn.create_channel().await.unwrap();
+    ch.basic_qos(c as u16, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        let d = consumer.next().await.unwrap().unwrap();
+        d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = ch.close(200, "ok".into()).await;
+    rate
+}
+
+/// (c) `amqp-consume -p 1 -c n /bin/cat`, if installed.
+fn amqp_consume(queue: &str, n: usize) -> Option<f64> {
+    let which = Command::new("sh")
+        .args(["-c", "command -v amqp-consume"])
+        .output()
+        .ok()?;
+    if !which.status.success() {
+        return None;
+    }
+    let start = Instant::now();
+    let status = Command::new("amqp-consume")
+        .args([
+            "--url",
+            &amqp_url().replace("%2f", "%2F"),
+            "-q",
+            queue,
+            "-p",
+            "1",
+            "-c",
+        ])
+        .arg(n.to_string())
+        .arg("/bin/cat")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    status
+        .success()
+        .then(|| n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A small C program that stamps its start as the first thing it does;
+/// None when no C compiler is at hand (this binary stamps instead, but its
+/// own start-up is slower, so the latency reads higher).
+fn c_stamper(dir: &std::path::Path) -> Option<String> {
+    let src = dir.join("stamp.c");
+    let bin = dir.join("stamp");
+    std::fs::write(
+        &src,
+        r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+    struct timespec ts; clock_gettime(CLOCK_REALTIME, &ts);
+    const char *h = getenv("AMQP_EXEC_HEADERS"), *f = getenv("BENCH_STAMP_FILE");
+    const char *p = h ? strstr(h, "\"published-ns\":\"") : NULL;
+    FILE *out = f ? fopen(f, "a") : NULL;
+    if (out && p) fprintf(out, "%lld %lld%09ld\n", atoll(p + 16), (long long)ts.tv_sec, ts.tv_nsec);
+    if (out) fclose(out);
+    char buf[4096]; while (read(0, buf, sizeof buf) > 0) {}
+    return 0;
+}
+"#,
+    )
+    .ok()?;
+    for flags in [&["-O2", "-static"][..], &["-O2"][..]] {
+        let ok = Command::new("cc")
+            .args(flags)
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src)
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(bin.display().to_string());
+        }
+    }
+    None
+}
+
+/// Publishes `n` messages one at a time, 8 ms apart, each stamped with its
+/// publish time, while the supervisor runs the stamping worker.
+async fn latency(broker: &Broker, queue: &str, n: usize, c: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let stamps = dir.path().join("stamps");
+    let worker = c_stamper(dir.path())
+        .unwrap_or_else(|| std::env::current_exe().unwrap().display().to_string());
+    let config = format!(
+        "{}env = {{ {STAMP_ENV} = \"{}\" }}\n",
+        queue_config(queue, c, &worker),
+        stamps.display()
+    );
+    let run = std::thread::spawn(move || run_supervisor(&config, n, &[]));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for i in 0..n {
+        let mut h = FieldTable::default();
+        h.insert(
+            "published-ns".into(),
+            AMQPValue::LongString(now_ns().to_string().into()),
+        );
+        let props = BasicProperties::default()
+            .with_message_id(format!("l{i}").as_str().into())
+            .with_headers(h);
+        broker
+            .ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"x",
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    run.join().unwrap();
+    let mut lat: Vec<f64> = std::fs::read_to_string(&stamps)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (p, s) = l.split_once(' ')?;
+            Some((s.parse::<f64>().ok()? - p.parse::<f64>().ok()?) / 1e6)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (pct(0.5), pct(0.99))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if let Ok(file) = std::env::var(STAMP_ENV) {
+        stamp_worker(&file);
+    }
+    if std::env::var_os("AMQP_EXEC_QUEUE").is_some() {
+        // Started as a worker without the stamp file: never run the benchmark.
+        eprintln!("throughput bench started as a worker without {STAMP_ENV}");
+        std::process::exit(78);
+    }
+    let args = args();
+    let n = args.jobs;
+    let body = vec![b'x'; 1024];
+    let broker = Broker::connect().await;
+    let queue = format!("bench-throughput-{}", std::process::id());
+    println!(
+        "amqp-exec throughput benchmark: {n} jobs per run, /bin/cat, 1 KiB bodies, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let have_amqp_consume = amqp_consume_installed();
+    if !have_amqp_consume {
+        println!(
+            "(c) amqp-consume is not installed (Debian package amqp-tools): column left empty"
+        );
+    }
+
+    let mut rows = Vec::new();
+    for c in [1usize, 4, 16] {
+        broker.fresh_queue(&queue).await;
+        broker.publish(&queue, n, &body).await;
+        let ours = run_supervisor(&queue_config(&queue, c, "/bin/cat"), n, &[]);
+        let spawn = bare_spawn(n, c, &body);
+        broker.publish(&queue, n, &body).await;
+        let consume = consume_only(&broker, &queue, n, c).await;
+        let peer = if have_amqp_consume {
+            broker.publish(&queue, n, &body).await;
+            amqp_consume(&queue, n)
+        } else {
+            None
+        };
+        broker.delete(&queue).await;
+        broker.fresh_queue(&queue).await;
+        let (p50, p99) = latency(&broker, &queue, 300.min(n), c).await;
+        broker.delete(&queue).await;
+        rows.push((c, ours, spawn, consume, peer, p50, p99));
+    }
+
+    println!();
+    println!(
+        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "conc",
+        "ours/s",
+        "(a)spawn/s",
+        "(b)ack/s",
+        "(c)peer/s",
+        "ours/(a)",
+        "ours/(c)",
+        "cpu µs/job",
+        "rss MiB",
+        "p50 ms",
+        "p99 ms"
+    );
+    for (c, o, a, b, peer, p50, p99) in &rows {
+        println!(
+            "{:>4} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>8.2} {:>8} {:>9.1} {:>9.1} {:>9.2} {:>9.2}",
+            c,
+            o.rate,
+            a,
+            b,
+            peer.map_or("-".into(), |p| format!("{p:.0}")),
+            o.rate / a,
+            peer.map_or("-".into(), |p| format!("{:.2}", o.rate / p)),
+            o.cpu_us_per_job,
+            o.peak_rss_mib,
+            p50,
+            p99
+        );
+    }
+
+    // Memory with many workers.
+    let mut memory = Vec::new();
+    for (label, size, jobs) in [("1 KiB", 1024usize, n.min(2000)), ("1 MiB", 1 << 20, 300)] {
+        broker.fresh_queue(&queue).await;
+        broker.publish(&queue, jobs, &vec![b'x'; size]).await;
+        let o = run_supervisor(&queue_config(&queue, 64, "/bin/cat"), jobs, &[]);
+        broker.delete(&queue).await;
+        println!(
+            "concurrency 64, {label} bodies: {:.0} jobs/s, supervisor peak RSS {:.1} MiB, {:.1} µs CPU/job",
+            o.rate, o.peak_rss_mib, o.cpu_us_per_job
+        );
+        memory.push((label, o));
+    }
+
+    if let Some(path) = args.json {
+        let json = serde_json::json!({
+            "jobs_per_run": n,
+            "worker": "/bin/cat",
+            "body_bytes": 1024,
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "runs": rows.iter().map(|(c, o, a, b, peer, p50, p99)| serde_json::json!({
+                "concurrency": c,
+                "ours_jobs_per_s": o.rate,
+                "spawn_loop_jobs_per_s": a,
+                "consume_ack_per_s": b,
+                "amqp_consume_jobs_per_s": peer,
+                "ours_over_spawn": o.rate / a,
+                "ours_over_amqp_consume": peer.map(|p| o.rate / p),
+                "supervisor_cpu_us_per_job": o.cpu_us_per_job,
+                "supervisor_peak_rss_mib": o.peak_rss_mib,
+                "latency_p50_ms": p50,
+                "latency_p99_ms": p99,
+            })).collect::<Vec<_>>(),
+            "memory_concurrency_64": memory.iter().map(|(label, o)| serde_json::json!({
+                "body": label,
+                "jobs_per_s": o.rate,
+                "supervisor_peak_rss_mib": o.peak_rss_mib,
+            })).collect::<Vec<_>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        println!("wrote {path}");
+    }
+}
+
+fn amqp_consume_installed() -> bool {
+    Command::new("sh")
+        .args(["-c", "command -v amqp-consume"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
