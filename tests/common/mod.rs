@@ -150,6 +150,40 @@ impl Broker {
         );
     }
 
+    /// Publishes many messages with ids, 500 confirms in flight at most.
+    pub async fn publish_many(&self, queue: &str, messages: &[(String, Vec<u8>)]) {
+        for chunk in messages.chunks(500) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for (id, body) in chunk {
+                let props = BasicProperties::default()
+                    .with_message_id(id.as_str().into())
+                    .with_delivery_mode(2);
+                confirms.push(
+                    self.channel
+                        .basic_publish(
+                            "".into(),
+                            queue.into(),
+                            lapin::options::BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            body,
+                            props,
+                        )
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for c in confirms {
+                let confirm = c.await.expect("confirm");
+                assert!(
+                    matches!(confirm, lapin::Confirmation::Ack(None)),
+                    "publish to {queue} not confirmed: {confirm:?}"
+                );
+            }
+        }
+    }
+
     pub async fn publish_id(&self, queue: &str, id: &str, body: &[u8]) {
         self.publish(
             queue,
