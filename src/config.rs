@@ -541,20 +541,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "bad duration {s:?}: write a number and a unit, e.g. \"500ms\", \"30s\", \"5m\", \"1h\""
         )
     };
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let unit_secs = match unit.trim() {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(bad()),
     };
-    let secs = value * unit_secs;
-    if !secs.is_finite() || secs > 1e9 {
+    const MAX_MS: u64 = 1_000_000_000_000; // about 31 years
+    if !number.contains('.') {
+        // Whole numbers are exact.
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        return match n.checked_mul(unit_ms) {
+            Some(ms) if ms <= MAX_MS => Ok(Duration::from_millis(ms)),
+            _ => Err(bad()),
+        };
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let ms = value * unit_ms as f64;
+    if !ms.is_finite() || ms > MAX_MS as f64 {
         return Err(bad());
     }
-    Ok(Duration::from_secs_f64(secs))
+    // Fractions are kept to the microsecond.
+    Ok(Duration::from_micros((ms * 1000.0).round() as u64))
 }
 
 /// Formats a duration in the shortest unit that keeps it whole: `500ms`,
