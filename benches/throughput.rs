@@ -68,18 +68,21 @@ fn stamp_worker(file: &str) -> ! {
 struct Args {
     jobs: usize,
     json: Option<String>,
+    soak: Option<usize>,
 }
 
 fn args() -> Args {
     let mut a = Args {
         jobs: 3000,
         json: None,
+        soak: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--jobs" => a.jobs = it.next().and_then(|n| n.parse().ok()).expect("--jobs N"),
             "--json" => a.json = it.next(),
+            "--soak" => a.soak = it.next().and_then(|n| n.parse().ok()),
             _ => {} // cargo passes --bench
         }
     }
@@ -445,6 +448,10 @@ async fn main() {
         std::process::exit(78);
     }
     let args = args();
+    if let Some(total) = args.soak {
+        soak(total).await;
+        return;
+    }
     let n = args.jobs;
     let body = vec![b'x'; 1024];
     let broker = Broker::connect().await;
@@ -554,6 +561,103 @@ async fn main() {
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
         println!("wrote {path}");
+    }
+}
+
+/// Open fds, threads and RSS (KiB) of a process.
+fn resources(pid: i32) -> (usize, u64, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (fds, field("Threads:"), field("VmRSS:"))
+}
+
+/// `--soak N`: N jobs at concurrency 8 through one supervisor, sampling its
+/// open fds, threads and RSS every 10,000 jobs. They must stay flat.
+async fn soak(total: usize) {
+    let broker = Broker::connect().await;
+    let queue = format!("bench-soak-{}", std::process::id());
+    broker.fresh_queue(&queue).await;
+    println!("soak: {total} jobs, /bin/cat, 1 KiB bodies, concurrency 8");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("soak.toml");
+    std::fs::write(&cfg, queue_config(&queue, 8, "/bin/cat")).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .arg("--max-jobs")
+        .arg(total.to_string())
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start amqp-exec");
+    let pid = child.id() as i32;
+    let body = vec![b'x'; 1024];
+    let step = 10_000;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    println!(
+        "{:>9} {:>8} {:>8} {:>9} {:>9}",
+        "jobs", "fds", "threads", "rss KiB", "jobs/s"
+    );
+    for done in (step..=total).step_by(step) {
+        broker.publish(&queue, step, &body).await;
+        // Wait until this batch is drained.
+        loop {
+            let ch = broker.conn.create_channel().await.unwrap();
+            let ready = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count())
+                .unwrap_or(0);
+            let _ = ch.close(200, "ok".into()).await;
+            if ready == 0 || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (fds, threads, rss) = resources(pid);
+        println!(
+            "{done:>9} {fds:>8} {threads:>8} {rss:>9} {:>9.0}",
+            done as f64 / start.elapsed().as_secs_f64()
+        );
+        samples.push((fds, threads, rss));
+    }
+    let _ = child.wait();
+    broker.delete(&queue).await;
+    if let (Some(first), Some(last)) = (samples.get(1).or(samples.first()), samples.last()) {
+        let rss_growth = last.2 as f64 / first.2.max(1) as f64;
+        println!(
+            "from {} to {} jobs: fds {} -> {}, threads {} -> {}, RSS {} -> {} KiB ({:+.1}%)",
+            if samples.len() > 1 { 2 * step } else { step },
+            total,
+            first.0,
+            last.0,
+            first.1,
+            last.1,
+            first.2,
+            last.2,
+            (rss_growth - 1.0) * 100.0
+        );
     }
 }
 

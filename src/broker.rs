@@ -2,8 +2,8 @@
 //! timeout, cycles through cluster nodes, and declares each queue's topology
 //! (work queue, one retry queue per backoff delay, dead-letter queue).
 
-use crate::config::{BrokerConfig, QueueConfig};
-use lapin::options::QueueDeclareOptions;
+use crate::config::{ArgValue, BrokerConfig, QueueConfig, QueueType};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -98,17 +98,56 @@ pub async fn connect_any(
     Err(last)
 }
 
-/// Declares the queue, its retry queues and its dead-letter queue, all durable.
+fn arg_value(v: &ArgValue) -> AMQPValue {
+    match v {
+        ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+        ArgValue::Float(f) => AMQPValue::Double(*f),
+        ArgValue::Bool(b) => AMQPValue::Boolean(*b),
+        ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+    }
+}
+
+fn arg_table(args: &std::collections::BTreeMap<String, ArgValue>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in args {
+        t.insert(k.as_str().into(), arg_value(v));
+    }
+    t
+}
+
+/// `x-queue-type` for quorum queues (classic queues are declared without it,
+/// so that existing classic queues match).
+fn typed(queue: &QueueConfig) -> FieldTable {
+    let mut t = FieldTable::default();
+    if queue.queue_type == QueueType::Quorum {
+        t.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    t
+}
+
+/// Declares the queue (with its type, `[queue.arguments]` and
+/// `x-single-active-consumer`), its retry queues and its dead-letter queue,
+/// all durable, then the exchanges and bindings of `[[queue.bind]]`.
 pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<(), String> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    declare(channel, &queue.name, durable, FieldTable::default()).await?;
-    declare(channel, &queue.dead_queue(), durable, FieldTable::default()).await?;
+    let mut work_args = typed(queue);
+    for (k, v) in &queue.arguments {
+        work_args.insert(k.as_str().into(), arg_value(v));
+    }
+    if queue.single_active_consumer {
+        work_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    declare(channel, &queue.name, durable, work_args).await?;
+    declare(channel, &queue.dead_queue(), durable, typed(queue)).await?;
     let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
     for delay in delays {
-        let mut args = FieldTable::default();
+        let mut args = typed(queue);
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay.as_millis() as i64),
@@ -122,6 +161,46 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
             AMQPValue::LongString(LongString::from(queue.name.as_str())),
         );
         declare(channel, &queue.retry_queue(delay), durable, args).await?;
+    }
+    for b in &queue.bindings {
+        let kind = match b.kind.as_str() {
+            "topic" => lapin::ExchangeKind::Topic,
+            "fanout" => lapin::ExchangeKind::Fanout,
+            "headers" => lapin::ExchangeKind::Headers,
+            _ => lapin::ExchangeKind::Direct,
+        };
+        channel
+            .exchange_declare(
+                b.exchange.as_str().into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot declare exchange \"{}\" ({}): {e}",
+                    b.exchange, b.kind
+                )
+            })?;
+        channel
+            .queue_bind(
+                queue.name.as_str().into(),
+                b.exchange.as_str().into(),
+                b.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                arg_table(&b.arguments),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot bind queue \"{}\" to exchange \"{}\" with key \"{}\": {e}",
+                    queue.name, b.exchange, b.routing_key
+                )
+            })?;
     }
     Ok(())
 }

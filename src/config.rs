@@ -103,6 +103,43 @@ pub struct Sandbox {
     pub nice: Option<i32>,
 }
 
+/// `queue_type`: RabbitMQ's queue types amqp-exec declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// A value of `[queue.arguments]` or of a binding's `arguments`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ArgValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+}
+
+/// One `[[queue.bind]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub exchange: String,
+    /// direct, topic, fanout or headers.
+    pub kind: String,
+    pub routing_key: String,
+    pub arguments: BTreeMap<String, ArgValue>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawBinding {
+    exchange: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    routing_key: Option<String>,
+    arguments: Option<toml::Table>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueConfig {
     pub name: String,
@@ -113,6 +150,13 @@ pub struct QueueConfig {
     pub clear_env: bool,
     pub working_dir: Option<PathBuf>,
     pub declare: bool,
+    pub queue_type: QueueType,
+    /// Extra x-arguments of the work queue.
+    pub arguments: BTreeMap<String, ArgValue>,
+    pub bindings: Vec<Binding>,
+    pub single_active_consumer: bool,
+    /// Most jobs started per second, shared by the queue's workers.
+    pub max_rate: Option<f64>,
     pub timeout: Duration,
     pub kill_grace: Duration,
     pub max_body_bytes: usize,
@@ -188,6 +232,11 @@ struct RawQueue {
     clear_env: Option<bool>,
     working_dir: Option<PathBuf>,
     declare: Option<bool>,
+    queue_type: Option<QueueType>,
+    arguments: Option<toml::Table>,
+    bind: Option<Vec<RawBinding>>,
+    single_active_consumer: Option<bool>,
+    max_rate: Option<String>,
     timeout: Option<String>,
     kill_grace: Option<String>,
     max_attempts: Option<u32>,
@@ -409,6 +458,38 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         Some(v) => size_of(v).map_err(|m| format!("key `max_body_bytes`: {m}"))? as usize,
         None => 64 * 1024 * 1024,
     };
+    let arguments = match raw.arguments {
+        Some(t) => arg_table(&t).map_err(|m| format!("key `arguments`: {m}"))?,
+        None => BTreeMap::new(),
+    };
+    let mut bindings = Vec::new();
+    for b in raw.bind.unwrap_or_default() {
+        let kind = b.kind.unwrap_or_else(|| "direct".into());
+        if !["direct", "topic", "fanout", "headers"].contains(&kind.as_str()) {
+            return Err(format!(
+                "key `bind.type`: {kind:?} is not one of direct, topic, fanout, headers"
+            ));
+        }
+        if b.exchange.is_empty() || b.exchange.starts_with("amq.") {
+            return Err(format!(
+                "key `bind.exchange`: {:?} cannot be declared (empty or reserved amq.*)",
+                b.exchange
+            ));
+        }
+        bindings.push(Binding {
+            exchange: b.exchange,
+            kind,
+            routing_key: b.routing_key.unwrap_or_default(),
+            arguments: match b.arguments {
+                Some(t) => arg_table(&t).map_err(|m| format!("key `bind.arguments`: {m}"))?,
+                None => BTreeMap::new(),
+            },
+        });
+    }
+    let max_rate = match raw.max_rate {
+        Some(s) => Some(parse_rate(&s).map_err(|m| format!("key `max_rate`: {m}"))?),
+        None => None,
+    };
     let max_reply_bytes = match raw.max_reply_bytes {
         Some(v) => size_of(v).map_err(|m| format!("key `max_reply_bytes`: {m}"))? as usize,
         None => 16 * 1024 * 1024,
@@ -458,6 +539,11 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         clear_env: raw.clear_env.unwrap_or(false),
         working_dir: raw.working_dir,
         declare: raw.declare.unwrap_or(true),
+        queue_type: raw.queue_type.unwrap_or(QueueType::Classic),
+        arguments,
+        bindings,
+        single_active_consumer: raw.single_active_consumer.unwrap_or(false),
+        max_rate,
         timeout,
         kill_grace,
         max_body_bytes,
@@ -470,6 +556,43 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
             exit_codes,
         },
     })
+}
+
+fn arg_table(t: &toml::Table) -> Result<BTreeMap<String, ArgValue>, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in t {
+        let value = match v {
+            toml::Value::Integer(n) => ArgValue::Int(*n),
+            toml::Value::Float(f) => ArgValue::Float(*f),
+            toml::Value::Boolean(b) => ArgValue::Bool(*b),
+            toml::Value::String(s) => ArgValue::Str(s.clone()),
+            _ => {
+                return Err(format!(
+                    "{k}: only numbers, booleans and strings are supported"
+                ));
+            }
+        };
+        out.insert(k.clone(), value);
+    }
+    Ok(out)
+}
+
+/// Parses a rate: "14/s", "100/m", "3600/h".
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let bad =
+        || format!("bad rate {s:?}: write a count per unit, e.g. \"14/s\", \"100/m\", \"500/h\"");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(bad());
+    }
+    Ok(n / per)
 }
 
 fn size_of(raw: RawSize) -> Result<u64, String> {
@@ -755,6 +878,42 @@ mod tests {
             "[metrics]\nlisten = \"nowhere\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
         );
         assert!(e.contains("[metrics]") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn topology_keys() {
+        let c = p(r#"
+            [[queue]]
+            name = "a"
+            command = ["x"]
+            queue_type = "quorum"
+            single_active_consumer = true
+            max_rate = "14/s"
+            [queue.arguments]
+            x-max-length = 1000
+            x-overflow = "reject-publish"
+            [[queue.bind]]
+            exchange = "events"
+            type = "topic"
+            routing_key = "order.*"
+        "#)
+        .unwrap();
+        let q = &c.queues[0];
+        assert_eq!(q.queue_type, QueueType::Quorum);
+        assert!(q.single_active_consumer);
+        assert_eq!(q.max_rate, Some(14.0));
+        assert_eq!(q.arguments["x-max-length"], ArgValue::Int(1000));
+        assert_eq!(q.bindings[0].kind, "topic");
+        assert_eq!(parse_rate("120/m").unwrap(), 2.0);
+        for bad in ["14", "0/s", "x/s", "1/y"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        let e = error_of(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[[queue.bind]]\nexchange = \"e\"\ntype = \"weird\"\n",
+        );
+        assert!(e.contains("bind.type"), "{e}");
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nqueue_type = \"stream\"\n");
+        assert!(e.contains("stream"), "{e}");
     }
 
     #[test]

@@ -148,7 +148,7 @@ async fn consume(
         return End::ChannelError(format!("cannot enable publisher confirms: {e}"));
     }
     if let Err(e) = channel
-        .basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .basic_qos(queue.effective_prefetch(), BasicQosOptions::default())
         .await
     {
         return End::ChannelError(format!("cannot set prefetch: {e}"));
@@ -170,7 +170,7 @@ async fn consume(
     tracing::info!(
         queue = %queue.name,
         concurrency = cfg.concurrency,
-        prefetch = cfg.prefetch,
+        prefetch = queue.effective_prefetch(),
         "consuming"
     );
     if !*reported_ready {
@@ -201,6 +201,7 @@ async fn consume(
             Some(Ok(d)) => d,
         };
         shared.delivery_arrived();
+        queue.rate_turn().await;
         if !delivery.acker.usable() {
             // Buffered before its channel died: the broker has already requeued it.
             continue;

@@ -61,6 +61,8 @@ pub struct QueueState {
     pub stop: CancellationToken,
     /// Cancelled to kill this queue's running workers; replaced after use.
     interrupt: Mutex<CancellationToken>,
+    /// `max_rate`: when the next job may start.
+    next_start: tokio::sync::Mutex<tokio::time::Instant>,
 }
 
 impl QueueState {
@@ -83,7 +85,34 @@ impl QueueState {
             spawn_failed: watch::Sender::new(0),
             stop: shared.stop.child_token(),
             interrupt: Mutex::new(shared.interrupt.child_token()),
+            next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             cfg,
+        }
+    }
+
+    /// Waits for this queue's turn under `max_rate` (shared by its workers).
+    pub async fn rate_turn(&self) {
+        let Some(rate) = self.cfg.max_rate else {
+            return;
+        };
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut next = self.next_start.lock().await;
+        let now = tokio::time::Instant::now();
+        if *next > now {
+            tokio::time::sleep_until(*next).await;
+        }
+        *next = (*next).max(now) + interval;
+    }
+
+    /// The prefetch actually used: `prefetch`, but under `max_rate` no more
+    /// than about one second of deliveries, so that none waits long unacked.
+    pub fn effective_prefetch(&self) -> u16 {
+        match self.cfg.max_rate {
+            Some(rate) => self
+                .cfg
+                .prefetch
+                .min(rate.ceil().clamp(1.0, 65535.0) as u16),
+            None => self.cfg.prefetch,
         }
     }
 

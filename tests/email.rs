@@ -13,17 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The send-email binary, built beside the test binaries.
 fn send_email_bin() -> String {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("send-email");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace (cargo test builds it)",
-        bin.display()
-    );
-    bin.display().to_string()
+    workspace_bin("send-email")
 }
 
 fn setup_db(tag: &str) -> TestDb {

@@ -223,14 +223,7 @@ async fn fan_out_keeps_input_order() {
 }
 
 fn db_report_bin() -> String {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("db-report");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace",
-        bin.display()
-    );
-    bin.display().to_string()
+    workspace_bin("db-report")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

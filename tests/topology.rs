@@ -1,0 +1,275 @@
+//! Production broker setups: quorum queues, exchanges and bindings, rate
+//! limits, single active consumer, and several instances sharing a queue.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+fn queue_types(prefix: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "type"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.to_owned()))
+        })
+        .filter(|(n, _)| n.starts_with(prefix))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_and_their_retry_path() {
+    let mut broker = Broker::connect().await;
+    let q = unique("quorum");
+    broker.owns(&q);
+    let work = Workdir::new();
+    // Fails on its first run, succeeds on the retry.
+    let w = work.script(
+        "w.sh",
+        "#!/bin/sh\ncat >/dev/null\necho \"$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT 0 0 $$\" >> \"$RECORD_DIR/ledger\"\n[ \"$AMQP_EXEC_ATTEMPT\" -ge 2 ]\n",
+    );
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nbackoff = [\"200ms\"]\n",
+        w.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("consuming", Duration::from_secs(30)).await;
+    let types = queue_types(&q);
+    assert_eq!(types.len(), 3, "{types:?}");
+    assert!(types.iter().all(|(_, t)| t == "quorum"), "{types:?}");
+    broker.publish_id(&q, "m1", b"x").await;
+    let start = Instant::now();
+    while work.ledger().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no retry on the quorum queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let attempts: Vec<u32> = work.ledger().iter().map(|r| r.attempt).collect();
+    assert_eq!(attempts, [1, 2]);
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert_eq!(broker.count(&q).await, Some(0));
+    assert_eq!(broker.count(&format!("{q}.dead")).await, Some(0));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_exchange_binding_routes_matching_keys_only() {
+    let mut broker = Broker::connect().await;
+    let q = unique("topic");
+    broker.owns(&q);
+    let exchange = format!("{q}-events");
+    let work = Workdir::new();
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\n[[queue.bind]]\nexchange = \"{exchange}\"\ntype = \"topic\"\nrouting_key = \"order.*\"\n",
+        repo("workers/testing/record.sh")
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("consuming", Duration::from_secs(30)).await;
+    let (status, _, stderr) = cli(
+        &[
+            "publish",
+            "--exchange",
+            &exchange,
+            "--routing-key",
+            "order.created",
+            "--message-id",
+            "match",
+            "--body",
+            "x",
+        ],
+        None,
+    );
+    assert!(status.success(), "{stderr}");
+    let (status, _, stderr) = cli(
+        &[
+            "publish",
+            "--exchange",
+            &exchange,
+            "--routing-key",
+            "invoice.created",
+            "--message-id",
+            "other",
+            "--body",
+            "x",
+        ],
+        None,
+    );
+    assert!(
+        !status.success() && stderr.contains("unroutable"),
+        "a non-matching key must not route: {stderr}"
+    );
+    let start = Instant::now();
+    while work.ledger().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: Vec<String> = work.ledger().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["match"]);
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    let ch = broker.conn.create_channel().await.unwrap();
+    let _ = ch
+        .exchange_delete(
+            exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_spaces_the_jobs() {
+    let mut broker = Broker::connect().await;
+    let q = unique("rate");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let messages: Vec<(String, Vec<u8>)> =
+        (0..100).map(|i| (format!("r{i}"), b"x".to_vec())).collect();
+    broker.publish_many(&q, &messages).await;
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = 4\nmax_rate = \"20/s\"\n",
+        repo("workers/testing/record.sh")
+    );
+    let t = Instant::now();
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "100"]);
+    sup.wait_success(Duration::from_secs(30)).await;
+    let runs = work.ledger();
+    assert_eq!(runs.len(), 100);
+    let first = runs.iter().map(|r| r.start).min().unwrap();
+    let last = runs.iter().map(|r| r.start).max().unwrap();
+    let span = (last - first) as f64 / 1e9;
+    println!(
+        "100 jobs at max_rate 20/s: starts spread over {span:.2}s (total {:.2}s)",
+        t.elapsed().as_secs_f64()
+    );
+    // 100 starts at 20/s: 99 intervals of 50 ms.
+    assert!(
+        (4.45..=5.5).contains(&span),
+        "starts spread over {span:.2}s, expected ~5s"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_active_consumer_keeps_order_across_two_instances() {
+    let mut broker = Broker::connect().await;
+    let q = unique("sac");
+    broker.owns(&q);
+    let work = Workdir::new();
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nsingle_active_consumer = true\n",
+        repo("workers/testing/record.sh")
+    );
+    let mut a = Supervisor::start(&work, &config, &[]);
+    a.wait_log("consuming", Duration::from_secs(30)).await;
+    let work_b = Workdir::new();
+    let mut b = Supervisor::start_with_env(
+        &work_b,
+        &config,
+        &[],
+        &[("RECORD_DIR", work.path().to_str().unwrap())],
+    );
+    b.wait_log("consuming", Duration::from_secs(30)).await;
+    let messages: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("{i:03}"), b"x".to_vec()))
+        .collect();
+    broker.publish_many(&q, &messages).await;
+    let start = Instant::now();
+    while work.ledger().len() < 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} done",
+            work.ledger().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ids: Vec<String> = work.ledger().into_iter().map(|r| r.id).collect();
+    let expected: Vec<String> = (0..200).map(|i| format!("{i:03}")).collect();
+    assert_eq!(ids, expected, "processed in publish order");
+    for s in [&mut a, &mut b] {
+        s.signal(nix::sys::signal::Signal::SIGTERM);
+        s.wait_success(Duration::from_secs(20)).await;
+    }
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_queue_and_one_can_leave() {
+    let mut broker = Broker::connect().await;
+    let q = unique("shared");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let w = work.script(
+        "w.sh",
+        "#!/bin/sh\ncat >/dev/null\nsleep 0.01\necho \"$AMQP_EXEC_MESSAGE_ID $INSTANCE\" >> \"$RECORD_DIR/seen\"\n",
+    );
+    let config = |instance: &str| {
+        format!(
+            "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = 4\nenv = {{ INSTANCE = \"{instance}\" }}\n",
+            w.display()
+        )
+    };
+    let n = 2000;
+    let messages: Vec<(String, Vec<u8>)> =
+        (0..n).map(|i| (format!("s{i}"), b"x".to_vec())).collect();
+    broker.publish_many(&q, &messages).await;
+    let work_b = Workdir::new();
+    let mut a = Supervisor::start(&work, &config("a"), &[]);
+    let mut b = Supervisor::start_with_env(
+        &work_b,
+        &config("b"),
+        &[],
+        &[("RECORD_DIR", work.path().to_str().unwrap())],
+    );
+    let seen = || -> Vec<(String, String)> {
+        std::fs::read_to_string(work.file("seen"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect()
+    };
+    let start = Instant::now();
+    while seen().len() < n / 2 {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One instance leaves mid-run; the other finishes the rest.
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    b.wait_success(Duration::from_secs(30)).await;
+    let start = Instant::now();
+    while BTreeSet::from_iter(seen().into_iter().map(|(id, _)| id)).len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} done",
+            seen().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    a.wait_success(Duration::from_secs(30)).await;
+    let all = seen();
+    let ids: BTreeSet<&String> = all.iter().map(|(id, _)| id).collect();
+    let by_a = all.iter().filter(|(_, i)| i == "a").count();
+    let by_b = all.iter().filter(|(_, i)| i == "b").count();
+    println!(
+        "two instances: {by_a} jobs by a, {by_b} by b, {} duplicates",
+        all.len() - ids.len()
+    );
+    assert_eq!(ids.len(), n, "nothing lost");
+    assert_eq!(all.len(), n, "no duplicates");
+    assert!(
+        by_a > n / 10 && by_b > n / 10,
+        "both took a share: a {by_a}, b {by_b}"
+    );
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
