@@ -86,9 +86,9 @@ pub async fn run_queue(
             End::SpawnFailed => {
                 tracing::error!(
                     queue = %queue.name,
-                    "queue paused for {}s: its worker could not be started (see above); \
-                     messages were requeued without counting an attempt",
-                    pause.as_secs()
+                    "queue paused for {}s: {}; messages were requeued without counting an attempt",
+                    pause.as_secs(),
+                    queue.last_spawn_error.lock().expect("not poisoned")
                 );
                 if !sleep_or_stop(pause, &queue, &conn_lost).await {
                     break;
@@ -201,7 +201,17 @@ async fn consume(
             Some(Ok(d)) => d,
         };
         shared.delivery_arrived();
-        queue.rate_turn().await;
+        if queue.cfg.max_rate.is_some() {
+            tokio::select! {
+                biased;
+                _ = queue.stop.cancelled() => {
+                    nack_requeue(&delivery).await;
+                    break End::Stopped;
+                }
+                _ = conn_lost.cancelled() => break End::Stopped,
+                _ = queue.rate_turn() => {}
+            }
+        }
         if !delivery.acker.usable() {
             // Buffered before its channel died: the broker has already requeued it.
             continue;

@@ -120,6 +120,8 @@ pub async fn handle(
     }
     shared.job_finished(settled && decision != Decision::Requeue);
     if result.outcome == Outcome::SpawnFailed {
+        *queue.last_spawn_error.lock().expect("not poisoned") =
+            String::from_utf8_lossy(&result.stderr_tail).into_owned();
         queue.spawn_failed.send_modify(|n| *n += 1);
     }
 }
@@ -165,7 +167,8 @@ async fn settle(
         Decision::Requeue => {
             if result.outcome == Outcome::SpawnFailed {
                 metrics::inc(&stats.spawn_failures);
-                tracing::error!(
+                // One error per pause is logged by the consumer loop.
+                tracing::debug!(
                     queue = %log.queue, message_id = %log.message_id,
                     "{}; requeueing the message without counting an attempt",
                     String::from_utf8_lossy(&result.stderr_tail)

@@ -464,8 +464,10 @@ mod tests {
     }
 
     /// Alive and not a zombie (an orphan's zombie may wait for a lazy init).
+    /// Alive and not a zombie, allowing a second for a signal already sent
+    /// to take effect.
     fn running(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        let alive = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Ok(stat) => !stat
                 .rsplit(')')
                 .next()
@@ -473,7 +475,14 @@ mod tests {
                 .trim_start()
                 .starts_with('Z'),
             Err(_) => false,
+        };
+        for _ in 0..100 {
+            if !alive() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        true
     }
 
     fn argv(v: &[&str]) -> Vec<String> {

@@ -56,6 +56,8 @@ pub struct QueueState {
     pub stats: Arc<QueueStats>,
     /// Bumped by a job whose worker could not be started.
     pub spawn_failed: watch::Sender<u64>,
+    /// Why the last worker could not be started.
+    pub last_spawn_error: Mutex<String>,
     /// Ends this queue's consumer (shutdown, or the queue was removed or
     /// changed by a reload). Running jobs are not affected.
     pub stop: CancellationToken,
@@ -83,6 +85,7 @@ impl QueueState {
             base_env: worker_env(&cfg),
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
             spawn_failed: watch::Sender::new(0),
+            last_spawn_error: Mutex::new(String::new()),
             stop: shared.stop.child_token(),
             interrupt: Mutex::new(shared.interrupt.child_token()),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),

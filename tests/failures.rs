@@ -341,7 +341,13 @@ concurrency = 2
         broker.publish_id(&broken, &format!("b{i}"), b"x").await;
         broker.publish_id(&healthy, &format!("l{i}"), b"x").await;
     }
-    let mut sup = Supervisor::start(&work, &config, &[]);
+    // Debug lines of amqp_exec::job show each spawn attempt.
+    let mut sup = Supervisor::start_with_env(
+        &work,
+        &config,
+        &[],
+        &[("RUST_LOG", "info,amqp_exec::job=debug")],
+    );
     sup.wait_log("consuming", Duration::from_secs(20)).await;
     for i in 0..20 {
         broker.publish_id(&healthy2, &format!("h{i}"), b"x").await;
@@ -352,7 +358,10 @@ concurrency = 2
         .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let log = sup.log_text();
-    let spawn_failures = log.matches("cannot start").count();
+    let spawn_failures = log
+        .matches("requeueing the message without counting an attempt")
+        .count();
+    let pauses = log.matches("queue paused for").count();
     println!("spawn attempts of the broken queue in ~5 s: {spawn_failures}");
     assert!(
         spawn_failures >= 1,
@@ -364,6 +373,18 @@ concurrency = 2
         "{spawn_failures} spawn attempts in ~5 s: a hot loop"
     );
     assert!(log.contains("queue paused"), "{}", tail(&log, 30));
+    assert!(
+        pauses <= spawn_failures,
+        "one error per pause, not per message"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("cannot start"))
+            .count()
+            == pauses,
+        "spawn errors are logged once per pause:\n{}",
+        tail(&log, 30)
+    );
     // Nothing was burned: all still waiting, none dead, none with an attempt header.
     assert_eq!(broker.count(&broken).await, Some(4));
     assert_eq!(broker.count(&format!("{broken}.dead")).await, Some(0));

@@ -93,6 +93,11 @@ fn config_text() -> impl Strategy<Value = String> {
         Just("true".to_owned()),
         Just("{ a = 1 }".to_owned()),
         Just("1.5".to_owned()),
+        "\"[0-9]{0,3}/[smhx]?\"",
+        Just("\"quorum\"".to_owned()),
+        Just("[{ exchange = \"e\", type = \"topic\", routing_key = \"a.*\" }]".to_owned()),
+        Just("[{ exchange = \"\" }]".to_owned()),
+        Just("{ x-queue-type = \"stream\" }".to_owned()),
     ];
     let queue = proptest::collection::vec((key, value), 0..8).prop_map(|kv| {
         let mut s = String::from("[[queue]]\n");

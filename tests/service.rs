@@ -137,7 +137,8 @@ async fn second_signal_stops_at_once_without_acking() {
     wait_starts(&work, 2, Duration::from_secs(20)).await;
     let t = Instant::now();
     sup.signal(Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sup.wait_log("SIGTERM: stopping", Duration::from_secs(10))
+        .await;
     sup.signal(Signal::SIGINT);
     let status = sup.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success());
@@ -706,7 +707,11 @@ async fn on_connection_loss_kill_stops_running_workers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The second signal stops the running worker at once; it must come after
+    // the first was handled (signals sent back to back merge into one).
     sup.signal(Signal::SIGTERM);
+    sup.wait_log("SIGTERM: stopping", Duration::from_secs(10))
+        .await;
     sup.signal(Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(20)).await;
     broker.wait_count(&q, 1, Duration::from_secs(10)).await;
