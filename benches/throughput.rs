@@ -579,8 +579,9 @@ fn resources(pid: i32) -> (usize, u64, u64) {
     (fds, field("Threads:"), field("VmRSS:"))
 }
 
-/// `--soak N`: N jobs at concurrency 8 through one supervisor, sampling its
-/// open fds, threads and RSS every 10,000 jobs. They must stay flat.
+/// `--soak N`: N jobs at concurrency 8 through one supervisor, published in
+/// batches of 10,000, sampling its open fds, threads and RSS after each
+/// batch. They must stay flat.
 async fn soak(total: usize) {
     let broker = Broker::connect().await;
     let queue = format!("bench-soak-{}", std::process::id());
@@ -593,8 +594,6 @@ async fn soak(total: usize) {
         .arg("--config")
         .arg(&cfg)
         .arg("run")
-        .arg("--max-jobs")
-        .arg(total.to_string())
         .env("AMQP_URL", amqp_url())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -642,6 +641,7 @@ async fn soak(total: usize) {
         );
         samples.push((fds, threads, rss));
     }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
     broker.delete(&queue).await;
     if let (Some(first), Some(last)) = (samples.get(1).or(samples.first()), samples.last()) {
