@@ -57,7 +57,8 @@ fi
 is_root || die "RabbitMQ does not answer on $HOST:$PORT; run this script as root to start it"
 
 if pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1; then
-    say "a RabbitMQ node is running but does not answer yet; waiting for it"
+    say "a RabbitMQ node is running but does not answer yet; starting its app if stopped"
+    timeout 60 rabbitmqctl -q start_app >/dev/null 2>&1 || true
 else
     say "starting RabbitMQ (rabbitmq-server -detached)"
     rabbitmq-server -detached || say "rabbitmq-server -detached exited with status $?; waiting anyway"
