@@ -14,8 +14,11 @@
 //!
 //! Latency from publish to worker start (p50, p99) is measured apart, with
 //! messages published one at a time below capacity and a worker that stamps
-//! its start (this binary, re-executed). Memory modes run at concurrency 64
-//! with 1 KiB and 1 MiB bodies.
+//! its start (a small C program built with `cc`, else this binary). Memory
+//! modes run at concurrency 64 with 1 KiB and 1 MiB bodies.
+//!
+//! `--soak N` instead runs N jobs through one supervisor and samples its open
+//! fds, threads and RSS every 10,000 jobs.
 
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -556,6 +559,7 @@ async fn main() {
             "memory_concurrency_64": memory.iter().map(|(label, o)| serde_json::json!({
                 "body": label,
                 "jobs_per_s": o.rate,
+                "supervisor_cpu_us_per_job": o.cpu_us_per_job,
                 "supervisor_peak_rss_mib": o.peak_rss_mib,
             })).collect::<Vec<_>>(),
         });
