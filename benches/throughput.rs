@@ -645,7 +645,10 @@ async fn soak(total: usize) {
         );
         samples.push((fds, threads, rss));
     }
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
     broker.delete(&queue).await;
     if let (Some(first), Some(last)) = (samples.get(1).or(samples.first()), samples.last()) {
