@@ -98,6 +98,19 @@ pub async fn connect_any(
     Err(last)
 }
 
+/// Messages ready in `queue`, by a passive declare. An error (the queue does
+/// not exist) closes the channel, so give it a channel of its own.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+}
+
 fn arg_value(v: &ArgValue) -> AMQPValue {
     match v {
         ArgValue::Int(n) => AMQPValue::LongLongInt(*n),

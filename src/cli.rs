@@ -67,10 +67,7 @@ async fn open(broker: &config::BrokerConfig, what: &str) -> Result<(Connection, 
     let (conn, _) = broker::connect_any(broker, 0, &format!("amqp-exec {what}"))
         .await
         .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| Failure::new(EX_UNAVAILABLE, format!("cannot open a channel: {e}")))?;
+    let channel = channel_on(&conn).await?;
     Ok((conn, channel))
 }
 
@@ -440,36 +437,28 @@ fn reply_line(task: &Task) -> String {
 
 /// Declares `queue` durable unless it exists (with whatever arguments it has).
 async fn declare_if_missing(conn: &Connection, queue: &str) -> Result<(), Failure> {
-    let probe = conn
-        .create_channel()
-        .await
-        .map_err(|e| Failure::new(1, format!("cannot open a channel: {e}")))?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    if probe
-        .queue_declare(queue.into(), passive, FieldTable::default())
+    if broker::queue_depth(&channel_on(conn).await?, queue)
         .await
         .is_ok()
     {
-        let _ = probe.close(200, "ok".into()).await;
         return Ok(());
     }
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| Failure::new(1, format!("cannot open a channel: {e}")))?;
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
+    channel_on(conn)
+        .await?
         .queue_declare(queue.into(), durable, FieldTable::default())
         .await
         .map_err(|e| Failure::new(1, format!("cannot declare queue \"{queue}\": {e}")))?;
-    let _ = channel.close(200, "ok".into()).await;
     Ok(())
+}
+
+async fn channel_on(conn: &Connection) -> Result<Channel, Failure> {
+    conn.create_channel()
+        .await
+        .map_err(|e| Failure::new(EX_UNAVAILABLE, format!("cannot open a channel: {e}")))
 }
 
 async fn settle_confirm(
@@ -540,18 +529,8 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
         Ok((conn, channel)) => {
             println!("broker: connected");
             for q in cfg.queues.iter().filter(|q| !q.declare) {
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                };
-                let ch = match conn.create_channel().await {
-                    Ok(c) => c,
-                    Err(_) => channel.clone(),
-                };
-                if let Err(e) = ch
-                    .queue_declare(q.name.as_str().into(), passive, FieldTable::default())
-                    .await
-                {
+                let ch = channel_on(&conn).await.unwrap_or_else(|_| channel.clone());
+                if let Err(e) = broker::queue_depth(&ch, &q.name).await {
                     println!(
                         "queue \"{}\": error: declare = false but the queue is not usable: {e}",
                         q.name
@@ -608,14 +587,8 @@ fn dead_entry(d: &lapin::message::Delivery) -> DeadEntry {
 }
 
 async fn dead_count(channel: &Channel, dead: &str) -> Result<u32, Failure> {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(dead.into(), passive, FieldTable::default())
+    broker::queue_depth(channel, dead)
         .await
-        .map(|q| q.message_count())
         .map_err(|e| Failure::new(1, format!("queue \"{dead}\" is not there: {e}")))
 }
 

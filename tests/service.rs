@@ -171,14 +171,7 @@ async fn connection_cuts_lose_nothing() {
     // message redelivered, so acks can outnumber messages.
     let mut sup = Supervisor::start_with_env(&work, &config, &[], &[("AMQP_URL", "")]);
     for cut in 1..=3 {
-        let start = Instant::now();
-        while work.ledger().len() < cut * n / 4 {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "stalled before cut {cut}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        work.wait_ledger(cut * n / 4, Duration::from_secs(60)).await;
         proxy.cut();
     }
     let start = Instant::now();
@@ -243,14 +236,7 @@ async fn black_holed_connection_is_noticed_within_two_heartbeats() {
     proxy.blackhole(false);
     proxy.cut();
     broker.publish_id(&q, "after", b"x").await;
-    let start = Instant::now();
-    while work.ledger().is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no processing after the black hole"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    work.wait_ledger(1, Duration::from_secs(30)).await;
     sup.signal(Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(20)).await;
     broker.cleanup().await;
@@ -514,15 +500,7 @@ async fn sighup_adds_and_removes_queues_while_running_workers_finish() {
     broker.publish_id(&new, "fresh", b"x").await;
     broker.publish_id(&kept, "steady", b"x").await;
     broker.publish_id(&old, "orphan", b"x").await;
-    let start = Instant::now();
-    while work.ledger().len() < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "ledger: {:?}",
-            work.ledger()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    work.wait_ledger(3, Duration::from_secs(20)).await;
     let ids: std::collections::BTreeSet<String> = work.ledger().into_iter().map(|r| r.id).collect();
     assert!(
         ids.contains("slow"),
@@ -643,15 +621,7 @@ async fn a_channel_error_rebuilds_only_that_queue() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     broker.publish_id(&a, "a1", b"x").await;
-    let start = Instant::now();
-    while work.ledger().len() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "ledger {:?}",
-            work.ledger()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    work.wait_ledger(2, Duration::from_secs(20)).await;
     assert!(
         !sup.log_text().contains("connection lost"),
         "only the channel was rebuilt"

@@ -43,14 +43,7 @@ async fn quorum_queues_and_their_retry_path() {
     assert_eq!(types.len(), 3, "{types:?}");
     assert!(types.iter().all(|(_, t)| t == "quorum"), "{types:?}");
     broker.publish_id(&q, "m1", b"x").await;
-    let start = Instant::now();
-    while work.ledger().len() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no retry on the quorum queue"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    work.wait_ledger(2, Duration::from_secs(20)).await;
     let attempts: Vec<u32> = work.ledger().iter().map(|r| r.attempt).collect();
     assert_eq!(attempts, [1, 2]);
     sup.signal(nix::sys::signal::Signal::SIGTERM);
@@ -106,11 +99,7 @@ async fn topic_exchange_binding_routes_matching_keys_only() {
         !status.success() && stderr.contains("unroutable"),
         "a non-matching key must not route: {stderr}"
     );
-    let start = Instant::now();
-    while work.ledger().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    work.wait_ledger(1, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ids: Vec<String> = work.ledger().into_iter().map(|r| r.id).collect();
     assert_eq!(ids, ["match"]);
@@ -183,15 +172,7 @@ async fn single_active_consumer_keeps_order_across_two_instances() {
         .map(|i| (format!("{i:03}"), b"x".to_vec()))
         .collect();
     broker.publish_many(&q, &messages).await;
-    let start = Instant::now();
-    while work.ledger().len() < 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{} done",
-            work.ledger().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    work.wait_ledger(200, Duration::from_secs(60)).await;
     let ids: Vec<String> = work.ledger().into_iter().map(|r| r.id).collect();
     let expected: Vec<String> = (0..200).map(|i| format!("{i:03}")).collect();
     assert_eq!(ids, expected, "processed in publish order");

@@ -146,25 +146,24 @@ impl Broker {
     /// Messages ready in `queue`, or None if it does not exist.
     pub async fn count(&self, queue: &str) -> Option<u32> {
         let ch = self.conn.create_channel().await.expect("channel");
-        let r = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()
-            .map(|q| q.message_count());
+        let r = amqp_exec::broker::queue_depth(&ch, queue).await.ok();
         let _ = ch.close(200, "ok".into()).await;
         r
     }
 
     pub async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
-        let confirm = self
-            .channel
+        let confirm = self.send(queue, body, props).await;
+        check_confirm(queue, confirm).await;
+    }
+
+    /// A mandatory, persistent publish; returns its pending confirm.
+    async fn send(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> lapin::PublisherConfirm {
+        self.channel
             .basic_publish(
                 "".into(),
                 queue.into(),
@@ -177,12 +176,6 @@ impl Broker {
             )
             .await
             .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(
-            matches!(confirm, lapin::Confirmation::Ack(None)),
-            "publish to {queue} not confirmed: {confirm:?}"
-        );
     }
 
     /// Publishes many messages with ids, 500 confirms in flight at most.
@@ -190,31 +183,11 @@ impl Broker {
         for chunk in messages.chunks(500) {
             let mut confirms = Vec::with_capacity(chunk.len());
             for (id, body) in chunk {
-                let props = BasicProperties::default()
-                    .with_message_id(id.as_str().into())
-                    .with_delivery_mode(2);
-                confirms.push(
-                    self.channel
-                        .basic_publish(
-                            "".into(),
-                            queue.into(),
-                            lapin::options::BasicPublishOptions {
-                                mandatory: true,
-                                ..Default::default()
-                            },
-                            body,
-                            props,
-                        )
-                        .await
-                        .expect("publish"),
-                );
+                let props = BasicProperties::default().with_message_id(id.as_str().into());
+                confirms.push(self.send(queue, body, props).await);
             }
             for c in confirms {
-                let confirm = c.await.expect("confirm");
-                assert!(
-                    matches!(confirm, lapin::Confirmation::Ack(None)),
-                    "publish to {queue} not confirmed: {confirm:?}"
-                );
+                check_confirm(queue, c).await;
             }
         }
     }
@@ -308,6 +281,14 @@ async fn delete_queues(conn: &Connection, names: &[String]) {
     }
 }
 
+async fn check_confirm(queue: &str, confirm: lapin::PublisherConfirm) {
+    let confirm = confirm.await.expect("confirm");
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "publish to {queue} not confirmed: {confirm:?}"
+    );
+}
+
 /// A header of a delivery as a string, for assertions.
 pub fn header(d: &Delivery, key: &str) -> Option<String> {
     use lapin::types::AMQPValue;
@@ -360,6 +341,24 @@ impl Workdir {
         let p = self.write(name, text);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
+    }
+
+    /// Waits until the ledger holds at least `n` runs; fails the test after
+    /// `timeout` with what it holds.
+    pub async fn wait_ledger(&self, n: usize, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let runs = self.ledger();
+            if runs.len() >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the ledger holds {} of {n} runs after {timeout:?}: {runs:?}",
+                runs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Lines of the ledger kept by `workers/testing/record.sh`:
