@@ -326,7 +326,7 @@ async fn send_reply(
     }
     match publish::publish_reply(channel, to, body, props).await {
         Ok(()) => true,
-        Err(publish::PublishError::Broker(e)) => {
+        Err(e @ (publish::PublishError::Broker(_) | publish::PublishError::TimedOut)) => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "could not send the reply to {to}: {e}");
             false

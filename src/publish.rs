@@ -5,6 +5,13 @@
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::fmt;
+use std::time::Duration;
+
+/// How long a republish or reply may wait for its confirm before the job
+/// gives up and leaves the message unacked (a lost confirm must not hold a
+/// worker slot for ever; a resource alarm that blocks publishing longer than
+/// this only makes the message come back later).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a publish did not end with the broker taking responsibility.
 #[derive(Debug)]
@@ -15,6 +22,8 @@ pub enum PublishError {
     Returned(String),
     /// The channel or connection failed.
     Broker(lapin::Error),
+    /// No confirm within [`CONFIRM_TIMEOUT`].
+    TimedOut,
 }
 
 impl fmt::Display for PublishError {
@@ -23,6 +32,11 @@ impl fmt::Display for PublishError {
             PublishError::Nacked => write!(f, "the broker nacked the message"),
             PublishError::Returned(why) => write!(f, "the message was returned unroutable ({why})"),
             PublishError::Broker(e) => write!(f, "{e}"),
+            PublishError::TimedOut => write!(
+                f,
+                "no publisher confirm within {}s",
+                CONFIRM_TIMEOUT.as_secs()
+            ),
         }
     }
 }
@@ -80,7 +94,7 @@ pub async fn publish_reply(
 ) -> Result<(), PublishError> {
     let mandatory = !reply_to.starts_with("amq.rabbitmq.reply-to");
     let confirm = send_with(channel, "", reply_to, body, properties, mandatory).await?;
-    check(confirm.await?)
+    confirmed(confirm).await
 }
 
 /// Checks a confirmation: acked and not returned.
@@ -107,5 +121,12 @@ pub async fn publish_confirmed(
     properties: BasicProperties,
 ) -> Result<(), PublishError> {
     let confirm = send(channel, exchange, routing_key, body, properties).await?;
-    check(confirm.await?)
+    confirmed(confirm).await
+}
+
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<(), PublishError> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Ok(c) => check(c?),
+        Err(_) => Err(PublishError::TimedOut),
+    }
 }

@@ -366,10 +366,32 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
     if running > 0 {
         tracing::info!("waiting for {running} running job(s) to finish");
     }
-    shared.tracker.close();
-    shared.tracker.wait().await;
+    wait_for_jobs(&shared).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long jobs may still take to settle once they were told to stop.
+const SETTLE_AFTER_INTERRUPT: Duration = Duration::from_secs(5);
+
+/// Waits for the running jobs. Once they were told to stop (shutdown grace
+/// expired, or a second signal), a job stuck settling (a confirm that never
+/// comes) is given up after a few seconds: its message was not acked, so the
+/// broker requeues it when the connection closes.
+async fn wait_for_jobs(shared: &Shared) {
+    shared.tracker.close();
+    let given_up = async {
+        shared.interrupt.cancelled().await;
+        tokio::time::sleep(SETTLE_AFTER_INTERRUPT).await;
+    };
+    tokio::select! {
+        _ = shared.tracker.wait() => {}
+        _ = given_up => tracing::warn!(
+            "{} job(s) did not settle after being stopped; their messages go back to the queue \
+             when the connection closes",
+            shared.tracker.len()
+        ),
+    }
 }
 
 /// Runs all consumers on one connection. Returns true if the connection was
@@ -454,10 +476,15 @@ async fn session(
         return true;
     }
     // Shutdown: jobs still need this connection to settle their messages.
-    shared.tracker.close();
-    shared.tracker.wait().await;
+    wait_for_jobs(shared).await;
     watcher.abort();
-    let _ = conn.close(200, "amqp-exec shutting down".into()).await;
+    let closing = conn.close(200, "amqp-exec shutting down".into());
+    if tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not confirm closing the connection within 5s");
+    }
     false
 }
 
