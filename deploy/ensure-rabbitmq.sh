@@ -70,6 +70,11 @@ while ((SECONDS < deadline)); do
         say "RabbitMQ is up and answers on $HOST:$PORT"
         exit 0
     fi
+    # A node that was still shutting down when we looked has gone: start a new one.
+    if ! pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1; then
+        say "no RabbitMQ node is running; starting one (rabbitmq-server -detached)"
+        rabbitmq-server -detached || say "rabbitmq-server -detached exited with status $?; waiting anyway"
+    fi
     sleep 2
 done
 
