@@ -25,6 +25,8 @@ const PAUSE_MAX: Duration = Duration::from_secs(60);
 /// Wait before rebuilding a channel after a channel error.
 const CHANNEL_RETRY: Duration = Duration::from_secs(1);
 const CHANNEL_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long to wait for the broker to confirm cancelling a consumer.
+const CANCEL_LIMIT: Duration = Duration::from_secs(5);
 
 enum End {
     /// Shutdown, max-jobs reached, or the connection is gone.
@@ -205,7 +207,7 @@ async fn consume(
             tokio::select! {
                 biased;
                 _ = queue.stop.cancelled() => {
-                    nack_requeue(&delivery).await;
+                    nack_requeue(&delivery, conn_lost).await;
                     break End::Stopped;
                 }
                 _ = conn_lost.cancelled() => break End::Stopped,
@@ -217,13 +219,13 @@ async fn consume(
             continue;
         }
         if !shared.claim_job() {
-            nack_requeue(&delivery).await;
+            nack_requeue(&delivery, conn_lost).await;
             break End::Stopped;
         }
         let global = tokio::select! {
             biased;
             _ = shared.interrupt.cancelled() => {
-                nack_requeue(&delivery).await;
+                nack_requeue(&delivery, conn_lost).await;
                 shared.unclaim_job();
                 break End::Stopped;
             }
@@ -239,26 +241,37 @@ async fn consume(
             queue.clone(),
             shared.clone(),
             permits,
+            conn_lost.clone(),
         ));
     };
 
     if matches!(end, End::Stopped | End::SpawnFailed) && channel.status().connected() {
-        stop_consumer(&channel, &mut consumer, &queue.name).await;
+        stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
     }
     end
 }
 
 /// Cancels the consumer and hands back the deliveries it had buffered but not
 /// started, so that other consumers get them now.
-async fn stop_consumer(channel: &lapin::Channel, consumer: &mut Consumer, name: &str) {
-    let _ = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await;
+async fn stop_consumer(
+    channel: &lapin::Channel,
+    consumer: &mut Consumer,
+    name: &str,
+    conn_lost: &CancellationToken,
+) {
+    let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+    tokio::select! {
+        _ = cancel => {}
+        _ = conn_lost.cancelled() => return,
+        _ = tokio::time::sleep(CANCEL_LIMIT) => {
+            tracing::warn!(queue = %name, "the broker did not confirm cancelling the consumer within {}s", CANCEL_LIMIT.as_secs());
+        }
+    }
     let mut returned = 0;
     while let Ok(Some(Ok(d))) =
         tokio::time::timeout(Duration::from_millis(50), consumer.next()).await
     {
-        nack_requeue(&d).await;
+        nack_requeue(&d, conn_lost).await;
         returned += 1;
     }
     if returned > 0 {
@@ -266,14 +279,17 @@ async fn stop_consumer(channel: &lapin::Channel, consumer: &mut Consumer, name: 
     }
 }
 
-async fn nack_requeue(d: &Delivery) {
-    let _ = d
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        })
-        .await;
+/// Puts a delivery that was not started back in its queue. Does not wait on
+/// a lost connection: the broker requeues the delivery itself then.
+async fn nack_requeue(d: &Delivery, conn_lost: &CancellationToken) {
+    let nack = d.acker.nack(BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    });
+    tokio::select! {
+        _ = nack => {}
+        _ = conn_lost.cancelled() => {}
+    }
 }
 
 /// Checks that the queue's command can be started: it exists and is

@@ -16,6 +16,7 @@ use lapin::{BasicProperties, Channel, message::Delivery};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 /// Our attempt counter header: the attempt number the delivery will be.
 pub const ATTEMPT_HEADER: &str = "x-amqp-exec-attempt";
@@ -38,13 +39,16 @@ pub struct Permits {
 }
 
 /// Runs the job for `delivery` and settles it on `channel`, the channel it
-/// came from.
+/// came from. `conn_lost` is cancelled when that channel's connection is
+/// lost: settling then stops waiting, as an ack or publish caught in the
+/// broken connection may never be answered.
 pub async fn handle(
     delivery: Delivery,
     channel: Channel,
     queue: Arc<QueueState>,
     shared: Arc<Shared>,
     permits: Permits,
+    conn_lost: CancellationToken,
 ) {
     let cfg = &queue.cfg;
     let props = &delivery.properties;
@@ -110,10 +114,15 @@ pub async fn handle(
     }
 
     let decision = policy::decide(result.outcome, attempt, &cfg.policy);
-    let settled = settle(
-        &delivery, &channel, &queue, &log, attempt, &result, decision,
-    )
-    .await;
+    let settled = tokio::select! {
+        biased;
+        settled = settle(&delivery, &channel, &queue, &log, attempt, &result, decision) => settled,
+        _ = conn_lost.cancelled() => {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "the connection was lost while the job was being settled; the broker will redeliver the message");
+            false
+        }
+    };
     drop(permits);
     if !settled && decision != Decision::Requeue {
         metrics::inc(&queue.stats.unsettled);
