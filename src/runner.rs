@@ -9,15 +9,20 @@
 
 use crate::config::Sandbox;
 use crate::policy::Outcome;
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use nix::unistd::pipe2;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStdin, Command};
+use tokio::net::unix::pipe;
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 /// How much of stderr is kept for dead-letter headers and failure replies.
@@ -71,41 +76,51 @@ pub struct JobResult {
 /// is [`Outcome::Interrupted`].
 pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
     let started = Instant::now();
+    let spawn_failed = |text: String| JobResult {
+        outcome: Outcome::SpawnFailed,
+        pid: None,
+        stderr_tail: text.into_bytes(),
+        stdout: Vec::new(),
+        stdout_truncated: false,
+        elapsed: started.elapsed(),
+    };
+    let pipes = match Pipes::new(job.body) {
+        Ok(p) => p,
+        Err(e) => {
+            return spawn_failed(format!(
+                "cannot start {:?}: cannot create its pipes: {e}",
+                job.command[0]
+            ));
+        }
+    };
     let mut cmd = Command::new(&job.command[0]);
     cmd.args(&job.command[1..])
         .env_clear()
         .envs(job.base_env.iter().map(|(k, v)| (k, v)))
         .envs(job.message_env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdin(Stdio::from(pipes.child_stdin))
+        .stdout(Stdio::from(pipes.child_stdout))
+        .stderr(Stdio::from(pipes.child_stderr))
         .process_group(0)
         .kill_on_drop(true);
     if let Some(dir) = job.working_dir {
         cmd.current_dir(dir);
     }
     apply_sandbox(&mut cmd, job.sandbox);
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // The command holds the child's ends of the pipes: close them here, so
+    // that the worker's exit gives end-of-file and a broken stdin pipe.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(child) => child,
-        Err(e) => {
-            return JobResult {
-                outcome: Outcome::SpawnFailed,
-                pid: None,
-                stderr_tail: spawn_error_text(job.command, job.working_dir, &e).into_bytes(),
-                stdout: Vec::new(),
-                stdout_truncated: false,
-                elapsed: started.elapsed(),
-            };
-        }
+        Err(e) => return spawn_failed(spawn_error_text(job.command, job.working_dir, &e)),
     };
     let pid = child.id();
     let pgid = pid.map(|p| p as i32).unwrap_or(0);
 
     let mut out = Sink::capture(job.capture_stdout);
     let mut err = Sink::tail(STDERR_TAIL_BYTES);
-    let stdin = child.stdin.take();
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
+    let (stdin, stdout, stderr) = (pipes.stdin_rest, pipes.stdout, pipes.stderr);
     let log = job.log;
     // The pipes borrow the sinks until this block ends.
     let outcome = {
@@ -300,13 +315,81 @@ pub fn signal_group(pgid: i32, sig: Signal) {
     }
 }
 
-async fn feed(stdin: Option<ChildStdin>, body: &[u8]) {
-    if let Some(mut stdin) = stdin {
-        // A worker that exits without reading stdin gives EPIPE here: normal.
-        if !body.is_empty() {
-            let _ = stdin.write_all(body).await;
+/// The worker's pipes. The body is written into the stdin pipe before the
+/// worker starts, as much as the pipe holds (all of it for bodies up to the
+/// pipe's capacity, 64 KiB by default), so a typical job needs no task to
+/// feed stdin; only the rest of a larger body is written while the worker runs.
+struct Pipes {
+    child_stdin: OwnedFd,
+    child_stdout: OwnedFd,
+    child_stderr: OwnedFd,
+    /// The write end and how much of the body it already holds, when the
+    /// body did not fit whole.
+    stdin_rest: Option<(pipe::Sender, usize)>,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+}
+
+impl Pipes {
+    fn new(body: &[u8]) -> std::io::Result<Pipes> {
+        let (child_stdin, stdin_w) = pipe2(OFlag::O_CLOEXEC)?;
+        let written = prefill(&stdin_w, body)?;
+        let stdin_rest = if written == body.len() {
+            // Closing the write end now gives the worker end-of-file after the body.
+            drop(stdin_w);
+            None
+        } else {
+            Some((pipe::Sender::from_owned_fd_unchecked(stdin_w)?, written))
+        };
+        let (stdout, child_stdout) = Self::output()?;
+        let (stderr, child_stderr) = Self::output()?;
+        Ok(Pipes {
+            child_stdin,
+            child_stdout,
+            child_stderr,
+            stdin_rest,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// A pipe for the worker to write to: our non-blocking read end, registered
+    /// with the runtime, and the worker's (blocking) write end.
+    fn output() -> std::io::Result<(pipe::Receiver, OwnedFd)> {
+        let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+        fcntl(&r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        Ok((pipe::Receiver::from_owned_fd_unchecked(r)?, w))
+    }
+}
+
+/// Writes as much of `body` as the empty pipe takes without blocking; returns
+/// how much. Up to `PIPE_BUF` bytes always fit whole in an empty pipe, so a
+/// small body takes one blocking `write` and no mode change.
+fn prefill(w: &OwnedFd, body: &[u8]) -> std::io::Result<usize> {
+    const PIPE_BUF: usize = 4096;
+    if body.is_empty() {
+        return Ok(0);
+    }
+    if body.len() > PIPE_BUF {
+        fcntl(w, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    }
+    let mut done = 0;
+    while done < body.len() {
+        match nix::unistd::write(w, &body[done..]) {
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => break,
+            Err(e) => return Err(e.into()),
         }
-        drop(stdin);
+    }
+    Ok(done)
+}
+
+/// Writes the rest of a large body while the worker runs.
+async fn feed(rest: Option<(pipe::Sender, usize)>, body: &[u8]) {
+    if let Some((mut stdin, written)) = rest {
+        // A worker that exits without reading stdin gives EPIPE here: normal.
+        let _ = stdin.write_all(&body[written..]).await;
     }
 }
 
@@ -374,14 +457,13 @@ impl Sink {
 }
 
 async fn pump<R: AsyncRead + Unpin>(
-    reader: Option<R>,
+    mut reader: R,
     sink: &mut Sink,
     stream: Stream,
     log: &LogContext,
     pid: Option<u32>,
 ) {
-    let Some(mut reader) = reader else { return };
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = [0u8; 8 * 1024];
     let mut line: Vec<u8> = Vec::new();
     let mut dropped = 0usize;
     loop {
@@ -463,7 +545,6 @@ mod tests {
         }
     }
 
-    /// Alive and not a zombie (an orphan's zombie may wait for a lazy init).
     /// Alive and not a zombie, allowing a second for a signal already sent
     /// to take effect.
     fn running(pid: i32) -> bool {
@@ -501,6 +582,32 @@ mod tests {
         let r = run(job(&cmd, b"", &log), &CancellationToken::new()).await;
         assert_eq!(r.outcome, Outcome::Exit(3));
         assert_eq!(r.stderr_tail, b"oops\n");
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_the_pipe() {
+        let log = ctx();
+        // 3 MiB: part is written before the worker starts, the rest while it runs.
+        let body: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        let cmd = argv(&["/bin/cat"]);
+        let mut j = job(&cmd, &body, &log);
+        j.capture_stdout = 4 << 20;
+        let r = run(j, &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Exit(0));
+        assert!(r.stdout == body, "stdout differs from the body");
+
+        // A worker that never reads a large stdin still ends the job at once.
+        let cmd = argv(&["/bin/true"]);
+        let r = run(job(&cmd, &body, &log), &CancellationToken::new()).await;
+        assert_eq!(r.outcome, Outcome::Exit(0));
+        assert!(r.elapsed < Duration::from_secs(2));
+
+        // Exactly PIPE_BUF, and empty.
+        let cmd = argv(&["/bin/cat"]);
+        for size in [4096, 4097, 0] {
+            let r = run(job(&cmd, &body[..size], &log), &CancellationToken::new()).await;
+            assert_eq!(r.stdout, &body[..size]);
+        }
     }
 
     #[tokio::test]
