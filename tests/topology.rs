@@ -22,6 +22,20 @@ fn queue_types(prefix: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+fn unacked(queue: &str) -> u32 {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == queue).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_and_their_retry_path() {
     let mut broker = Broker::connect().await;
@@ -130,7 +144,31 @@ async fn max_rate_spaces_the_jobs() {
     );
     let t = Instant::now();
     let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "100"]);
+    // Sample the unacked deliveries while it runs: the rate limit must hold
+    // messages back in the broker, not in our hands.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, q) = (done.clone(), q.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut max = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(unacked(&q));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            max
+        })
+    };
     sup.wait_success(Duration::from_secs(30)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let max_unacked = sampler.await.unwrap();
+    // The prefetch is min(concurrency, ceil(rate)) = 4: a delivery waits at
+    // most 4 turns of 50 ms before its worker starts, and never more than
+    // ceil(rate) turns (one second) whatever the prefetch.
+    println!("max unacked while rate-limited: {max_unacked}");
+    assert!(
+        (1..=20).contains(&max_unacked),
+        "{max_unacked} unacked deliveries"
+    );
     let runs = work.ledger();
     assert_eq!(runs.len(), 100);
     let first = runs.iter().map(|r| r.start).min().unwrap();
