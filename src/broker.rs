@@ -5,7 +5,7 @@
 use crate::config::{ArgValue, BrokerConfig, QueueConfig, QueueType};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -61,7 +61,22 @@ pub async fn connect(url: &str, broker: &BrokerConfig, name: &str) -> Result<Con
         uri.query.heartbeat = Some(broker.heartbeat.as_secs().min(u64::from(u16::MAX)) as u16);
     }
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(broker.connect_timeout, Connection::connect_uri(uri, props)).await {
+    let connecting = async {
+        match (&broker.tls, &uri.scheme) {
+            // The config always builds TLS settings for amqps:// URLs.
+            (Some(tls), AMQPScheme::AMQPS) => crate::tls::connect(uri, tls.clone(), props).await,
+            (tls, _) => {
+                if tls.is_some() {
+                    tracing::warn!(
+                        "{}: [broker.tls] is set but the URL is amqp://, so the connection is not encrypted; use amqps://",
+                        redact(url)
+                    );
+                }
+                Connection::connect_uri(uri, props).await
+            }
+        }
+    };
+    match tokio::time::timeout(broker.connect_timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(format!(
             "cannot connect to {}: {}",

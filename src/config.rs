@@ -62,6 +62,8 @@ pub struct BrokerConfig {
     pub urls: Vec<String>,
     pub heartbeat: Duration,
     pub connect_timeout: Duration,
+    /// For `amqps://` URLs: `[broker.tls]`, or the system's CAs when absent.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// What happens to running workers when the broker connection drops.
@@ -203,6 +205,18 @@ struct RawBroker {
     urls: Option<Vec<String>>,
     heartbeat: Option<String>,
     connect_timeout: Option<String>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    server_name: Option<String>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 
 #[derive(Deserialize)]
@@ -271,7 +285,7 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
     };
     let raw: RawFile = toml::from_str(text).map_err(|e| err(one_line(&e.to_string())))?;
 
-    let broker = parse_broker(raw.broker, amqp_url).map_err(err)?;
+    let broker = parse_broker(raw.broker, amqp_url, path).map_err(err)?;
 
     let defaults_table = raw.defaults.unwrap_or_default();
     if defaults_table.contains_key("name") {
@@ -338,12 +352,17 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
     })
 }
 
-fn parse_broker(raw: Option<RawBroker>, amqp_url: Option<&str>) -> Result<BrokerConfig, String> {
+fn parse_broker(
+    raw: Option<RawBroker>,
+    amqp_url: Option<&str>,
+    path: &Path,
+) -> Result<BrokerConfig, String> {
     let raw = raw.unwrap_or(RawBroker {
         url: None,
         urls: None,
         heartbeat: None,
         connect_timeout: None,
+        tls: None,
     });
     let mut urls = match (raw.url, raw.urls) {
         (Some(_), Some(_)) => {
@@ -359,8 +378,10 @@ fn parse_broker(raw: Option<RawBroker>, amqp_url: Option<&str>) -> Result<Broker
     if urls.is_empty() {
         return Err("[broker] key `urls`: the list is empty".into());
     }
+    let mut tls_wanted = false;
     for u in &urls {
-        crate::broker::parse_uri(u).map_err(|e| format!("[broker] key `url`: {e}"))?;
+        let uri = crate::broker::parse_uri(u).map_err(|e| format!("[broker] key `url`: {e}"))?;
+        tls_wanted |= uri.scheme == lapin::uri::AMQPScheme::AMQPS;
     }
     let heartbeat = match raw.heartbeat {
         Some(s) => parse_duration(&s).map_err(|m| format!("[broker] key `heartbeat`: {m}"))?,
@@ -375,10 +396,27 @@ fn parse_broker(raw: Option<RawBroker>, amqp_url: Option<&str>) -> Result<Broker
         }
         None => Duration::from_secs(10),
     };
+    let tls = match (raw.tls, tls_wanted) {
+        (Some(t), _) => {
+            // Relative paths are taken from the config file's folder.
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let resolve = |p: Option<PathBuf>| p.map(|p| dir.join(p));
+            Some(crate::tls::build(crate::tls::TlsSettings {
+                ca_file: resolve(t.ca_file),
+                cert_file: resolve(t.cert_file),
+                key_file: resolve(t.key_file),
+                server_name: t.server_name,
+                insecure_skip_verify: t.insecure_skip_verify,
+            })?)
+        }
+        (None, true) => Some(crate::tls::build(crate::tls::TlsSettings::default())?),
+        (None, false) => None,
+    };
     Ok(BrokerConfig {
         urls,
         heartbeat,
         connect_timeout,
+        tls,
     })
 }
 

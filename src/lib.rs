@@ -13,7 +13,8 @@
 //! - [`publish`] — confirmed publishing;
 //! - [`cli`] — the `publish`, `check` and `dead` commands;
 //! - [`systemd`] — sd_notify;
-//! - [`metrics`] — counters.
+//! - [`metrics`] — counters;
+//! - [`tls`] — `amqps://` connections and `[broker.tls]`.
 
 pub mod broker;
 pub mod cli;
@@ -27,3 +28,4 @@ pub mod publish;
 pub mod runner;
 pub mod supervisor;
 pub mod systemd;
+pub mod tls;
