@@ -392,17 +392,20 @@ async fn metrics_agree_with_the_jobs_run() {
     broker
         .wait_count(&format!("{q}.dead"), 2, Duration::from_secs(20))
         .await;
+    // The dead letters are in their queue before the jobs that sent them are
+    // counted (that happens after the ack): wait until all 7 are counted.
     let start = Instant::now();
     let page = loop {
         let (code, page) = http_get(port, "/metrics");
         assert_eq!(code, 200);
         let ok = format!("amqp_exec_jobs_total{{queue=\"{q}\",outcome=\"ok\"}}");
-        if metric(&page, &ok) == Some(5.0) {
+        let dead = format!("amqp_exec_jobs_total{{queue=\"{q}\",outcome=\"dead\"}}");
+        if metric(&page, &ok) == Some(5.0) && metric(&page, &dead) == Some(2.0) {
             break page;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "metrics never showed 5 ok:\n{page}"
+            "metrics never showed 5 ok and 2 dead:\n{page}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
