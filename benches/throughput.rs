@@ -261,9 +261,25 @@ fn queue_config(queue: &str, concurrency: usize, command: &str) -> String {
     )
 }
 
+/// CPU time (user + system) of this process so far, children excluded, in µs.
+fn self_cpu_us() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
+    us(u.user_time()) + us(u.system_time())
+}
+
+/// The spawn loop's rate and its own CPU µs per job (the floor for ours).
+#[derive(Clone, Copy)]
+struct Spawn {
+    rate: f64,
+    cpu_us_per_job: f64,
+}
+
 /// (a) Spawn /bin/cat with a 1 KiB stdin and wait, from `c` threads.
-fn bare_spawn(n: usize, c: usize, body: &[u8]) -> f64 {
+fn bare_spawn(n: usize, c: usize, body: &[u8]) -> Spawn {
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let cpu = self_cpu_us();
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..c {
@@ -282,7 +298,10 @@ fn bare_spawn(n: usize, c: usize, body: &[u8]) -> f64 {
             });
         }
     });
-    n as f64 / start.elapsed().as_secs_f64()
+    Spawn {
+        rate: n as f64 / start.elapsed().as_secs_f64(),
+        cpu_us_per_job: (self_cpu_us() - cpu) / n as f64,
+    }
 }
 
 /// (b) Consume and ack `n` messages with prefetch `c`, no spawn.
@@ -493,7 +512,7 @@ async fn main() {
 
     println!();
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
         "conc",
         "ours/s",
         "(a)spawn/s",
@@ -502,26 +521,47 @@ async fn main() {
         "ours/(a)",
         "ours/(c)",
         "cpu µs/job",
+        "(a)cpu µs",
         "rss MiB",
         "p50 ms",
         "p99 ms"
     );
     for (c, o, a, b, peer, p50, p99) in &rows {
         println!(
-            "{:>4} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>8.2} {:>8} {:>9.1} {:>9.1} {:>9.2} {:>9.2}",
+            "{:>4} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>8.2} {:>8} {:>10.1} {:>10.1} {:>8.1} {:>8.2} {:>8.2}",
             c,
             o.rate,
-            a,
+            a.rate,
             b,
             peer.map_or("-".into(), |p| format!("{p:.0}")),
-            o.rate / a,
+            o.rate / a.rate,
             peer.map_or("-".into(), |p| format!("{:.2}", o.rate / p)),
             o.cpu_us_per_job,
+            a.cpu_us_per_job,
             o.peak_rss_mib,
             p50,
             p99
         );
     }
+    println!(
+        "cpu µs/job: the supervisor's own user+system time per job; (a)cpu µs: the same for the spawn loop, the floor"
+    );
+
+    // Concurrency 1 with one message buffered ahead: the documented setting
+    // for short jobs, so that the next delivery is there when a job ends.
+    broker.fresh_queue(&queue).await;
+    broker.publish(&queue, n, &body).await;
+    let config = format!("{}prefetch = 2\n", queue_config(&queue, 1, "/bin/cat"));
+    let ahead = run_supervisor(&config, n, &[]);
+    broker.delete(&queue).await;
+    let (_, _, spawn1, _, peer1, _, _) = rows[0];
+    println!(
+        "concurrency 1, prefetch 2: {:.0} jobs/s, ours/(a) {:.2}, ours/(c) {}, {:.1} µs CPU/job",
+        ahead.rate,
+        ahead.rate / spawn1.rate,
+        peer1.map_or("-".into(), |p| format!("{:.2}", ahead.rate / p)),
+        ahead.cpu_us_per_job
+    );
 
     // Memory with many workers.
     let mut memory = Vec::new();
@@ -546,16 +586,23 @@ async fn main() {
             "runs": rows.iter().map(|(c, o, a, b, peer, p50, p99)| serde_json::json!({
                 "concurrency": c,
                 "ours_jobs_per_s": o.rate,
-                "spawn_loop_jobs_per_s": a,
+                "spawn_loop_jobs_per_s": a.rate,
+                "spawn_loop_cpu_us_per_job": a.cpu_us_per_job,
                 "consume_ack_per_s": b,
                 "amqp_consume_jobs_per_s": peer,
-                "ours_over_spawn": o.rate / a,
+                "ours_over_spawn": o.rate / a.rate,
                 "ours_over_amqp_consume": peer.map(|p| o.rate / p),
                 "supervisor_cpu_us_per_job": o.cpu_us_per_job,
                 "supervisor_peak_rss_mib": o.peak_rss_mib,
                 "latency_p50_ms": p50,
                 "latency_p99_ms": p99,
             })).collect::<Vec<_>>(),
+            "concurrency_1_prefetch_2": {
+                "jobs_per_s": ahead.rate,
+                "ours_over_spawn": ahead.rate / spawn1.rate,
+                "ours_over_amqp_consume": peer1.map(|p| ahead.rate / p),
+                "supervisor_cpu_us_per_job": ahead.cpu_us_per_job,
+            },
             "memory_concurrency_64": memory.iter().map(|(label, o)| serde_json::json!({
                 "body": label,
                 "jobs_per_s": o.rate,
