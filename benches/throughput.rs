@@ -206,13 +206,26 @@ fn peak_rss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
+/// A service's environment, as systemd gives it, rather than this
+/// benchmark's (cargo adds dozens of variables, `LD_LIBRARY_PATH` among
+/// them). Every contender and its workers get it, so that they start the
+/// same processes.
+fn service_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LANG", "C.UTF-8")
+}
+
 /// Runs `amqp-exec run --max-jobs n` on a config and measures it.
 fn run_supervisor(config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bench.toml");
     std::fs::write(&cfg, config).unwrap();
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config")
+    // The workers inherit it; building their environment is part of each
+    // job's cost.
+    service_env(&mut cmd)
+        .arg("--config")
         .arg(&cfg)
         .arg("run")
         .arg("--max-jobs")
@@ -285,7 +298,7 @@ fn bare_spawn(n: usize, c: usize, body: &[u8]) -> Spawn {
         for _ in 0..c {
             s.spawn(|| {
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                    let mut child = Command::new("/bin/cat")
+                    let mut child = service_env(&mut Command::new("/bin/cat"))
                         .stdin(Stdio::piped())
                         .stdout(Stdio::piped())
                         .spawn()
@@ -339,7 +352,7 @@ fn amqp_consume(queue: &str, n: usize) -> Option<f64> {
         return None;
     }
     let start = Instant::now();
-    let status = Command::new("amqp-consume")
+    let status = service_env(&mut Command::new("amqp-consume"))
         .args([
             "--url",
             &amqp_url().replace("%2f", "%2F"),
@@ -417,6 +430,64 @@ async fn latency(broker: &Broker, queue: &str, n: usize, c: usize) -> (f64, f64)
     );
     let run = std::thread::spawn(move || run_supervisor(&config, n, &[]));
     tokio::time::sleep(Duration::from_millis(700)).await;
+    publish_stamped(broker, queue, n).await;
+    run.join().unwrap();
+    let lat: Vec<f64> = std::fs::read_to_string(&stamps)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (p, s) = l.split_once(' ')?;
+            Some((s.parse::<f64>().ok()? - p.parse::<f64>().ok()?) / 1e6)
+        })
+        .collect();
+    p50_p99(lat)
+}
+
+/// The broker's share of the latency: publish to delivery in a plain consumer
+/// on its own connection, the same way as [`latency`] but with no process.
+async fn broker_latency(broker: &Broker, queue: &str, n: usize) -> (f64, f64) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let receiver = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let d = consumer.next().await.unwrap().unwrap();
+            let now = now_ns() as f64;
+            let published = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("published-ns").cloned());
+            if let Some(AMQPValue::LongString(p)) = published
+                && let Ok(p) = p.to_string().parse::<f64>()
+            {
+                lat.push((now - p) / 1e6);
+            }
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        lat
+    });
+    publish_stamped(broker, queue, n).await;
+    let lat = receiver.await.unwrap();
+    let _ = conn.close(200, "ok".into()).await;
+    p50_p99(lat)
+}
+
+/// Publishes `n` messages one at a time, 8 ms apart, each with its publish
+/// time in the `published-ns` header.
+async fn publish_stamped(broker: &Broker, queue: &str, n: usize) {
     for i in 0..n {
         let mut h = FieldTable::default();
         h.insert(
@@ -441,15 +512,9 @@ async fn latency(broker: &Broker, queue: &str, n: usize, c: usize) -> (f64, f64)
             .unwrap();
         tokio::time::sleep(Duration::from_millis(8)).await;
     }
-    run.join().unwrap();
-    let mut lat: Vec<f64> = std::fs::read_to_string(&stamps)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (p, s) = l.split_once(' ')?;
-            Some((s.parse::<f64>().ok()? - p.parse::<f64>().ok()?) / 1e6)
-        })
-        .collect();
+}
+
+fn p50_p99(mut lat: Vec<f64>) -> (f64, f64) {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
@@ -547,6 +612,14 @@ async fn main() {
         "cpu µs/job: the supervisor's own user+system time per job; (a)cpu µs: the same for the spawn loop, the floor"
     );
 
+    // The broker's and client's share of the latency, without a process.
+    broker.fresh_queue(&queue).await;
+    let (bp50, bp99) = broker_latency(&broker, &queue, 300.min(n)).await;
+    broker.delete(&queue).await;
+    println!(
+        "latency from publish to delivery in a plain consumer (no process): p50 {bp50:.2} ms, p99 {bp99:.2} ms"
+    );
+
     // Concurrency 1 with one message buffered ahead: the documented setting
     // for short jobs, so that the next delivery is there when a job ends.
     broker.fresh_queue(&queue).await;
@@ -597,6 +670,7 @@ async fn main() {
                 "latency_p50_ms": p50,
                 "latency_p99_ms": p99,
             })).collect::<Vec<_>>(),
+            "delivery_latency_no_process_ms": { "p50": bp50, "p99": bp99 },
             "concurrency_1_prefetch_2": {
                 "jobs_per_s": ahead.rate,
                 "ours_over_spawn": ahead.rate / spawn1.rate,
