@@ -26,7 +26,7 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -317,13 +317,13 @@ fn bare_spawn(n: usize, c: usize, body: &[u8]) -> Spawn {
     }
 }
 
-/// (b) Consume and ack `n` messages with prefetch `c`, no spawn.
-async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> f64 {
-    let ch = broker.conn.create_channel().await.unwrap();
-    ch.basic_qos(c as u16, BasicQosOptions::default())
+/// A new channel with prefetch `prefetch`, consuming `queue`.
+async fn consume_from(conn: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .unwrap();
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
             queue.into(),
             "".into(),
@@ -332,6 +332,12 @@ async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> f64 {
         )
         .await
         .unwrap();
+    (ch, consumer)
+}
+
+/// (b) Consume and ack `n` messages with prefetch `c`, no spawn.
+async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> f64 {
+    let (ch, mut consumer) = consume_from(&broker.conn, queue, c as u16).await;
     let start = Instant::now();
     for _ in 0..n {
         let d = consumer.next().await.unwrap().unwrap();
@@ -449,17 +455,7 @@ async fn broker_latency(broker: &Broker, queue: &str, n: usize) -> (f64, f64) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_ch, mut consumer) = consume_from(&conn, queue, 1).await;
     let receiver = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(n);
         for _ in 0..n {

@@ -135,12 +135,10 @@ fn arg_value(v: &ArgValue) -> AMQPValue {
     }
 }
 
-fn arg_table(args: &std::collections::BTreeMap<String, ArgValue>) -> FieldTable {
-    let mut t = FieldTable::default();
+fn insert_args(t: &mut FieldTable, args: &std::collections::BTreeMap<String, ArgValue>) {
     for (k, v) in args {
         t.insert(k.as_str().into(), arg_value(v));
     }
-    t
 }
 
 /// `x-queue-type` for quorum queues (classic queues are declared without it,
@@ -165,9 +163,7 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
         ..QueueDeclareOptions::default()
     };
     let mut work_args = typed(queue);
-    for (k, v) in &queue.arguments {
-        work_args.insert(k.as_str().into(), arg_value(v));
-    }
+    insert_args(&mut work_args, &queue.arguments);
     if queue.single_active_consumer {
         work_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
@@ -191,6 +187,8 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
         declare(channel, &queue.retry_queue(delay), durable, args).await?;
     }
     for b in &queue.bindings {
+        let mut bind_args = FieldTable::default();
+        insert_args(&mut bind_args, &b.arguments);
         let kind = match b.kind.as_str() {
             "topic" => lapin::ExchangeKind::Topic,
             "fanout" => lapin::ExchangeKind::Fanout,
@@ -220,7 +218,7 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
                 b.exchange.as_str().into(),
                 b.routing_key.as_str().into(),
                 QueueBindOptions::default(),
-                arg_table(&b.arguments),
+                bind_args,
             )
             .await
             .map_err(|e| {

@@ -500,16 +500,14 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         Some(t) => arg_table(&t).map_err(|m| format!("key `arguments`: {m}"))?,
         None => BTreeMap::new(),
     };
-    for reserved in ["x-queue-type", "x-single-active-consumer"] {
+    for (reserved, key) in [
+        ("x-queue-type", "queue_type"),
+        ("x-single-active-consumer", "single_active_consumer"),
+    ] {
         if arguments.contains_key(reserved) {
             return Err(format!(
-                "key `arguments`: set {reserved} with the `{}` key instead, so that the retry \
-                 and dead-letter queues match",
-                if reserved == "x-queue-type" {
-                    "queue_type"
-                } else {
-                    "single_active_consumer"
-                }
+                "key `arguments`: set {reserved} with the `{key}` key instead, so that the retry \
+                 and dead-letter queues match"
             ));
         }
     }

@@ -90,7 +90,7 @@ pub async fn run_queue(
                     queue = %queue.name,
                     "queue paused for {}s: {}; messages were requeued without counting an attempt",
                     pause.as_secs(),
-                    queue.last_spawn_error.lock().expect("not poisoned")
+                    *queue.spawn_failed.borrow()
                 );
                 if !sleep_or_stop(pause, &queue, &conn_lost).await {
                     break;

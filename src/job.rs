@@ -129,9 +129,8 @@ pub async fn handle(
     }
     shared.job_finished(settled && decision != Decision::Requeue);
     if result.outcome == Outcome::SpawnFailed {
-        *queue.last_spawn_error.lock().expect("not poisoned") =
-            String::from_utf8_lossy(&result.stderr_tail).into_owned();
-        queue.spawn_failed.send_modify(|n| *n += 1);
+        let why = String::from_utf8_lossy(&result.stderr_tail).into_owned();
+        queue.spawn_failed.send_modify(|last| *last = why);
     }
 }
 

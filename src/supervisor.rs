@@ -54,10 +54,9 @@ pub struct QueueState {
     /// The environment every worker of the queue starts with.
     pub base_env: Vec<(OsString, OsString)>,
     pub stats: Arc<QueueStats>,
-    /// Bumped by a job whose worker could not be started.
-    pub spawn_failed: watch::Sender<u64>,
-    /// Why the last worker could not be started.
-    pub last_spawn_error: Mutex<String>,
+    /// Set (and so signalled) by a job whose worker could not be started:
+    /// why it could not.
+    pub spawn_failed: watch::Sender<String>,
     /// Ends this queue's consumer (shutdown, or the queue was removed or
     /// changed by a reload). Running jobs are not affected.
     pub stop: CancellationToken,
@@ -84,8 +83,7 @@ impl QueueState {
             slots,
             base_env: worker_env(&cfg),
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
-            spawn_failed: watch::Sender::new(0),
-            last_spawn_error: Mutex::new(String::new()),
+            spawn_failed: watch::Sender::new(String::new()),
             stop: shared.stop.child_token(),
             interrupt: Mutex::new(shared.interrupt.child_token()),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),

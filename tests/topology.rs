@@ -7,9 +7,10 @@ use common::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-fn queue_types(prefix: &str) -> Vec<(String, String)> {
+/// `rabbitmqctl list_queues name <column>`: (queue, value) for every queue.
+fn list_queues(column: &str) -> Vec<(String, String)> {
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "type"])
+        .args(["-q", "list_queues", "name", column])
         .output()
         .expect("rabbitmqctl");
     String::from_utf8_lossy(&out.stdout)
@@ -18,21 +19,20 @@ fn queue_types(prefix: &str) -> Vec<(String, String)> {
             let mut f = l.split_whitespace();
             Some((f.next()?.to_owned(), f.next()?.to_owned()))
         })
+        .collect()
+}
+
+fn queue_types(prefix: &str) -> Vec<(String, String)> {
+    list_queues("type")
+        .into_iter()
         .filter(|(n, _)| n.starts_with(prefix))
         .collect()
 }
 
 fn unacked(queue: &str) -> u32 {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "messages_unacknowledged"])
-        .output()
-        .expect("rabbitmqctl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next()? == queue).then(|| f.next()?.parse().ok())?
-        })
+    list_queues("messages_unacknowledged")
+        .into_iter()
+        .find_map(|(n, v)| (n == queue).then(|| v.parse().ok())?)
         .unwrap_or(0)
 }
 
