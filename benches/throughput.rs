@@ -1,7 +1,7 @@
 //! Throughput benchmark: the real `amqp-exec run` binary against the local
 //! broker, next to baselines measured in the same run.
 //!
-//! `cargo bench --bench throughput [-- --jobs N] [--json PATH]`
+//! `cargo bench --bench throughput [-- --jobs N] [--rounds R] [--json PATH]`
 //!
 //! For each concurrency (1, 4, 16) it measures, with `/bin/cat` as the worker
 //! and 1 KiB bodies:
@@ -70,6 +70,7 @@ fn stamp_worker(file: &str) -> ! {
 
 struct Args {
     jobs: usize,
+    rounds: usize,
     json: Option<String>,
     soak: Option<usize>,
 }
@@ -77,6 +78,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         jobs: 3000,
+        rounds: 3,
         json: None,
         soak: None,
     };
@@ -84,6 +86,13 @@ fn args() -> Args {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--jobs" => a.jobs = it.next().and_then(|n| n.parse().ok()).expect("--jobs N"),
+            "--rounds" => {
+                a.rounds = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--rounds N (at least 1)")
+            }
             "--json" => a.json = it.next(),
             "--soak" => a.soak = it.next().and_then(|n| n.parse().ok()),
             _ => {} // cargo passes --bench
@@ -282,7 +291,7 @@ fn self_cpu_us() -> f64 {
     us(u.user_time()) + us(u.system_time())
 }
 
-/// The spawn loop's rate and its own CPU µs per job (the floor for ours).
+/// A baseline's rate and its own CPU µs per job.
 #[derive(Clone, Copy)]
 struct Spawn {
     rate: f64,
@@ -335,17 +344,23 @@ async fn consume_from(conn: &Connection, queue: &str, prefetch: u16) -> (Channel
     (ch, consumer)
 }
 
-/// (b) Consume and ack `n` messages with prefetch `c`, no spawn.
-async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> f64 {
+/// (b) Consume and ack `n` messages with prefetch `c`, no spawn, on this
+/// process's own runtime and lapin connection: the rate and this process's
+/// CPU µs per message, the client stack's share of ours.
+async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> Spawn {
     let (ch, mut consumer) = consume_from(&broker.conn, queue, c as u16).await;
+    let cpu = self_cpu_us();
     let start = Instant::now();
     for _ in 0..n {
         let d = consumer.next().await.unwrap().unwrap();
         d.acker.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let measured = Spawn {
+        rate: n as f64 / start.elapsed().as_secs_f64(),
+        cpu_us_per_job: (self_cpu_us() - cpu) / n as f64,
+    };
     let _ = ch.close(200, "ok".into()).await;
-    rate
+    measured
 }
 
 /// (c) `amqp-consume -p 1 -c n /bin/cat`, if installed.
@@ -550,30 +565,38 @@ async fn main() {
         );
     }
 
+    let rounds = args.rounds;
+    println!(
+        "each figure is the median of {rounds} rounds; a round runs ours, (a) and (c) back to back, and ratios are taken within a round"
+    );
     let mut rows = Vec::new();
     for c in [1usize, 4, 16] {
-        broker.fresh_queue(&queue).await;
-        broker.publish(&queue, n, &body).await;
-        let ours = run_supervisor(&queue_config(&queue, c, "/bin/cat"), n, &[]);
-        let spawn = bare_spawn(n, c, &body);
+        let mut round = Vec::new();
+        for _ in 0..rounds {
+            broker.fresh_queue(&queue).await;
+            broker.publish(&queue, n, &body).await;
+            let ours = run_supervisor(&queue_config(&queue, c, "/bin/cat"), n, &[]);
+            let spawn = bare_spawn(n, c, &body);
+            let peer = if have_amqp_consume {
+                broker.publish(&queue, n, &body).await;
+                amqp_consume(&queue, n)
+            } else {
+                None
+            };
+            round.push(Round { ours, spawn, peer });
+        }
         broker.publish(&queue, n, &body).await;
         let consume = consume_only(&broker, &queue, n, c).await;
-        let peer = if have_amqp_consume {
-            broker.publish(&queue, n, &body).await;
-            amqp_consume(&queue, n)
-        } else {
-            None
-        };
         broker.delete(&queue).await;
         broker.fresh_queue(&queue).await;
         let (p50, p99) = latency(&broker, &queue, 300.min(n), c).await;
         broker.delete(&queue).await;
-        rows.push((c, ours, spawn, consume, peer, p50, p99));
+        rows.push(Row::new(c, &round, consume, p50, p99));
     }
 
     println!();
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "{:>4} {:>8} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7}",
         "conc",
         "ours/s",
         "(a)spawn/s",
@@ -583,29 +606,33 @@ async fn main() {
         "ours/(c)",
         "cpu µs/job",
         "(a)cpu µs",
+        "(b)cpu µs",
         "rss MiB",
         "p50 ms",
         "p99 ms"
     );
-    for (c, o, a, b, peer, p50, p99) in &rows {
+    for r in &rows {
         println!(
-            "{:>4} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>8.2} {:>8} {:>10.1} {:>10.1} {:>8.1} {:>8.2} {:>8.2}",
-            c,
-            o.rate,
-            a.rate,
-            b,
-            peer.map_or("-".into(), |p| format!("{p:.0}")),
-            o.rate / a.rate,
-            peer.map_or("-".into(), |p| format!("{:.2}", o.rate / p)),
-            o.cpu_us_per_job,
-            a.cpu_us_per_job,
-            o.peak_rss_mib,
-            p50,
-            p99
+            "{:>4} {:>8.0} {:>10.0} {:>9.0} {:>9} {:>8.2} {:>8} {:>10.1} {:>9.1} {:>9.1} {:>7.1} {:>7.2} {:>7.2}",
+            r.c,
+            r.ours.rate,
+            r.spawn.rate,
+            r.consume.rate,
+            r.peer.map_or("-".into(), |p| format!("{p:.0}")),
+            r.over_spawn,
+            r.over_peer.map_or("-".into(), |p| format!("{p:.2}")),
+            r.ours.cpu_us_per_job,
+            r.spawn.cpu_us_per_job,
+            r.consume.cpu_us_per_job,
+            r.ours.peak_rss_mib,
+            r.p50,
+            r.p99
         );
     }
     println!(
-        "cpu µs/job: the supervisor's own user+system time per job; (a)cpu µs: the same for the spawn loop, the floor"
+        "cpu µs/job: the supervisor's own user+system time per job; (a)cpu µs: the same for the spawn loop, \
+         the process start's share; (b)cpu µs: the same for a plain lapin consumer acking without a process, \
+         the AMQP client's share"
     );
 
     // The broker's and client's share of the latency, without a process.
@@ -618,18 +645,29 @@ async fn main() {
 
     // Concurrency 1 with one message buffered ahead: the documented setting
     // for short jobs, so that the next delivery is there when a job ends.
-    broker.fresh_queue(&queue).await;
-    broker.publish(&queue, n, &body).await;
-    let config = format!("{}prefetch = 2\n", queue_config(&queue, 1, "/bin/cat"));
-    let ahead = run_supervisor(&config, n, &[]);
+    let mut round = Vec::new();
+    for _ in 0..rounds {
+        broker.fresh_queue(&queue).await;
+        broker.publish(&queue, n, &body).await;
+        let config = format!("{}prefetch = 2\n", queue_config(&queue, 1, "/bin/cat"));
+        let ours = run_supervisor(&config, n, &[]);
+        let spawn = bare_spawn(n, 1, &body);
+        let peer = if have_amqp_consume {
+            broker.publish(&queue, n, &body).await;
+            amqp_consume(&queue, n)
+        } else {
+            None
+        };
+        round.push(Round { ours, spawn, peer });
+    }
     broker.delete(&queue).await;
-    let (_, _, spawn1, _, peer1, _, _) = rows[0];
+    let ahead = Row::new(1, &round, rows[0].consume, f64::NAN, f64::NAN);
     println!(
         "concurrency 1, prefetch 2: {:.0} jobs/s, ours/(a) {:.2}, ours/(c) {}, {:.1} µs CPU/job",
-        ahead.rate,
-        ahead.rate / spawn1.rate,
-        peer1.map_or("-".into(), |p| format!("{:.2}", ahead.rate / p)),
-        ahead.cpu_us_per_job
+        ahead.ours.rate,
+        ahead.over_spawn,
+        ahead.over_peer.map_or("-".into(), |p| format!("{p:.2}")),
+        ahead.ours.cpu_us_per_job
     );
 
     // Memory with many workers.
@@ -649,29 +687,32 @@ async fn main() {
     if let Some(path) = args.json {
         let json = serde_json::json!({
             "jobs_per_run": n,
+            "rounds": rounds,
             "worker": "/bin/cat",
             "body_bytes": 1024,
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "runs": rows.iter().map(|(c, o, a, b, peer, p50, p99)| serde_json::json!({
-                "concurrency": c,
-                "ours_jobs_per_s": o.rate,
-                "spawn_loop_jobs_per_s": a.rate,
-                "spawn_loop_cpu_us_per_job": a.cpu_us_per_job,
-                "consume_ack_per_s": b,
-                "amqp_consume_jobs_per_s": peer,
-                "ours_over_spawn": o.rate / a.rate,
-                "ours_over_amqp_consume": peer.map(|p| o.rate / p),
-                "supervisor_cpu_us_per_job": o.cpu_us_per_job,
-                "supervisor_peak_rss_mib": o.peak_rss_mib,
-                "latency_p50_ms": p50,
-                "latency_p99_ms": p99,
+            "runs": rows.iter().map(|r| serde_json::json!({
+                "concurrency": r.c,
+                "ours_jobs_per_s": r.ours.rate,
+                "spawn_loop_jobs_per_s": r.spawn.rate,
+                "spawn_loop_cpu_us_per_job": r.spawn.cpu_us_per_job,
+                "consume_ack_per_s": r.consume.rate,
+                "consume_ack_cpu_us_per_message": r.consume.cpu_us_per_job,
+                "amqp_consume_jobs_per_s": r.peer,
+                "ours_over_spawn": r.over_spawn,
+                "ours_over_amqp_consume": r.over_peer,
+                "supervisor_cpu_us_per_job": r.ours.cpu_us_per_job,
+                "supervisor_peak_rss_mib": r.ours.peak_rss_mib,
+                "latency_p50_ms": r.p50,
+                "latency_p99_ms": r.p99,
             })).collect::<Vec<_>>(),
             "delivery_latency_no_process_ms": { "p50": bp50, "p99": bp99 },
             "concurrency_1_prefetch_2": {
-                "jobs_per_s": ahead.rate,
-                "ours_over_spawn": ahead.rate / spawn1.rate,
-                "ours_over_amqp_consume": peer1.map(|p| ahead.rate / p),
-                "supervisor_cpu_us_per_job": ahead.cpu_us_per_job,
+                "jobs_per_s": ahead.ours.rate,
+                "spawn_loop_jobs_per_s": ahead.spawn.rate,
+                "ours_over_spawn": ahead.over_spawn,
+                "ours_over_amqp_consume": ahead.over_peer,
+                "supervisor_cpu_us_per_job": ahead.ours.cpu_us_per_job,
             },
             "memory_concurrency_64": memory.iter().map(|(label, o)| serde_json::json!({
                 "body": label,
@@ -683,6 +724,65 @@ async fn main() {
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
         println!("wrote {path}");
     }
+}
+
+/// One round's measures: ours, (a) and (c) when installed.
+struct Round {
+    ours: Ours,
+    spawn: Spawn,
+    peer: Option<f64>,
+}
+
+/// One concurrency's figures: the median of each measure over the rounds,
+/// and the median of the ratios taken within each round (the contenders of
+/// a round run back to back, so a slow spell of the host hits them alike).
+struct Row {
+    c: usize,
+    ours: Ours,
+    spawn: Spawn,
+    consume: Spawn,
+    peer: Option<f64>,
+    over_spawn: f64,
+    over_peer: Option<f64>,
+    p50: f64,
+    p99: f64,
+}
+
+impl Row {
+    fn new(c: usize, rounds: &[Round], consume: Spawn, p50: f64, p99: f64) -> Row {
+        let m = |f: &dyn Fn(&Round) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
+        Row {
+            c,
+            ours: Ours {
+                rate: m(&|r| Some(r.ours.rate)).unwrap_or(f64::NAN),
+                cpu_us_per_job: m(&|r| Some(r.ours.cpu_us_per_job)).unwrap_or(f64::NAN),
+                peak_rss_mib: m(&|r| Some(r.ours.peak_rss_mib)).unwrap_or(f64::NAN),
+            },
+            spawn: Spawn {
+                rate: m(&|r| Some(r.spawn.rate)).unwrap_or(f64::NAN),
+                cpu_us_per_job: m(&|r| Some(r.spawn.cpu_us_per_job)).unwrap_or(f64::NAN),
+            },
+            consume,
+            peer: m(&|r| r.peer),
+            over_spawn: m(&|r| Some(r.ours.rate / r.spawn.rate)).unwrap_or(f64::NAN),
+            over_peer: m(&|r| r.peer.map(|p| r.ours.rate / p)),
+            p50,
+            p99,
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
 }
 
 /// Open fds, threads and RSS (KiB) of a process.
