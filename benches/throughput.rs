@@ -187,6 +187,18 @@ struct Ours {
     rate: f64,
     cpu_us_per_job: f64,
     peak_rss_mib: f64,
+    /// The local broker's CPU µs per job over the run; NaN when the broker
+    /// is not a process of this machine.
+    broker_cpu_us_per_job: f64,
+}
+
+/// The local broker's process (RabbitMQ's `beam.smp`), when it runs here.
+fn broker_pid() -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
 }
 
 /// utime + stime of the process alone (clock ticks → µs), from /proc.
@@ -247,6 +259,8 @@ fn run_supervisor(config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    let broker = broker_pid();
+    let broker_cpu = broker.and_then(own_cpu_us);
     let start = Instant::now();
     let child = cmd.spawn().expect("start amqp-exec");
     let pid = child.id() as i32;
@@ -267,6 +281,10 @@ fn run_supervisor(config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
     }
     let elapsed = start.elapsed();
     let cpu = own_cpu_us(pid).unwrap_or(f64::NAN);
+    let broker_cpu = match (broker.and_then(own_cpu_us), broker_cpu) {
+        (Some(after), Some(before)) => after - before,
+        _ => f64::NAN,
+    };
     let mut child = child;
     let status = child.wait().unwrap();
     assert!(status.success(), "amqp-exec exited with {status}");
@@ -274,6 +292,7 @@ fn run_supervisor(config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu_us_per_job: cpu / n as f64,
         peak_rss_mib: peak as f64 / 1024.0,
+        broker_cpu_us_per_job: broker_cpu / n as f64,
     }
 }
 
@@ -596,7 +615,7 @@ async fn main() {
 
     println!();
     println!(
-        "{:>4} {:>8} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7}",
+        "{:>4} {:>8} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>9} {:>9} {:>10} {:>7} {:>7} {:>7}",
         "conc",
         "ours/s",
         "(a)spawn/s",
@@ -607,13 +626,14 @@ async fn main() {
         "cpu µs/job",
         "(a)cpu µs",
         "(b)cpu µs",
+        "broker µs",
         "rss MiB",
         "p50 ms",
         "p99 ms"
     );
     for r in &rows {
         println!(
-            "{:>4} {:>8.0} {:>10.0} {:>9.0} {:>9} {:>8.2} {:>8} {:>10.1} {:>9.1} {:>9.1} {:>7.1} {:>7.2} {:>7.2}",
+            "{:>4} {:>8.0} {:>10.0} {:>9.0} {:>9} {:>8.2} {:>8} {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>7.1} {:>7.2} {:>7.2}",
             r.c,
             r.ours.rate,
             r.spawn.rate,
@@ -624,6 +644,7 @@ async fn main() {
             r.ours.cpu_us_per_job,
             r.spawn.cpu_us_per_job,
             r.consume.cpu_us_per_job,
+            r.ours.broker_cpu_us_per_job,
             r.ours.peak_rss_mib,
             r.p50,
             r.p99
@@ -632,7 +653,7 @@ async fn main() {
     println!(
         "cpu µs/job: the supervisor's own user+system time per job; (a)cpu µs: the same for the spawn loop, \
          the process start's share; (b)cpu µs: the same for a plain lapin consumer acking without a process, \
-         the AMQP client's share"
+         the AMQP client's share; broker µs: the local broker's CPU per job during our run"
     );
 
     // The broker's and client's share of the latency, without a process.
@@ -703,6 +724,7 @@ async fn main() {
                 "ours_over_amqp_consume": r.over_peer,
                 "supervisor_cpu_us_per_job": r.ours.cpu_us_per_job,
                 "supervisor_peak_rss_mib": r.ours.peak_rss_mib,
+                "broker_cpu_us_per_job": r.ours.broker_cpu_us_per_job,
                 "latency_p50_ms": r.p50,
                 "latency_p99_ms": r.p99,
             })).collect::<Vec<_>>(),
@@ -757,6 +779,8 @@ impl Row {
                 rate: m(&|r| Some(r.ours.rate)).unwrap_or(f64::NAN),
                 cpu_us_per_job: m(&|r| Some(r.ours.cpu_us_per_job)).unwrap_or(f64::NAN),
                 peak_rss_mib: m(&|r| Some(r.ours.peak_rss_mib)).unwrap_or(f64::NAN),
+                broker_cpu_us_per_job: m(&|r| Some(r.ours.broker_cpu_us_per_job))
+                    .unwrap_or(f64::NAN),
             },
             spawn: Spawn {
                 rate: m(&|r| Some(r.spawn.rate)).unwrap_or(f64::NAN),
