@@ -312,13 +312,13 @@ fn self_cpu_us() -> f64 {
 
 /// A baseline's rate and its own CPU µs per job.
 #[derive(Clone, Copy)]
-struct Spawn {
+struct Baseline {
     rate: f64,
     cpu_us_per_job: f64,
 }
 
 /// (a) Spawn /bin/cat with a 1 KiB stdin and wait, from `c` threads.
-fn bare_spawn(n: usize, c: usize, body: &[u8]) -> Spawn {
+fn bare_spawn(n: usize, c: usize, body: &[u8]) -> Baseline {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let cpu = self_cpu_us();
     let start = Instant::now();
@@ -339,7 +339,7 @@ fn bare_spawn(n: usize, c: usize, body: &[u8]) -> Spawn {
             });
         }
     });
-    Spawn {
+    Baseline {
         rate: n as f64 / start.elapsed().as_secs_f64(),
         cpu_us_per_job: (self_cpu_us() - cpu) / n as f64,
     }
@@ -366,7 +366,7 @@ async fn consume_from(conn: &Connection, queue: &str, prefetch: u16) -> (Channel
 /// (b) Consume and ack `n` messages with prefetch `c`, no spawn, on this
 /// process's own runtime and lapin connection: the rate and this process's
 /// CPU µs per message, the client stack's share of ours.
-async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> Spawn {
+async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> Baseline {
     let (ch, mut consumer) = consume_from(&broker.conn, queue, c as u16).await;
     let cpu = self_cpu_us();
     let start = Instant::now();
@@ -374,7 +374,7 @@ async fn consume_only(broker: &Broker, queue: &str, n: usize, c: usize) -> Spawn
         let d = consumer.next().await.unwrap().unwrap();
         d.acker.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let measured = Spawn {
+    let measured = Baseline {
         rate: n as f64 / start.elapsed().as_secs_f64(),
         cpu_us_per_job: (self_cpu_us() - cpu) / n as f64,
     };
@@ -590,19 +590,10 @@ async fn main() {
     );
     let mut rows = Vec::new();
     for c in [1usize, 4, 16] {
+        let config = queue_config(&queue, c, "/bin/cat");
         let mut round = Vec::new();
         for _ in 0..rounds {
-            broker.fresh_queue(&queue).await;
-            broker.publish(&queue, n, &body).await;
-            let ours = run_supervisor(&queue_config(&queue, c, "/bin/cat"), n, &[]);
-            let spawn = bare_spawn(n, c, &body);
-            let peer = if have_amqp_consume {
-                broker.publish(&queue, n, &body).await;
-                amqp_consume(&queue, n)
-            } else {
-                None
-            };
-            round.push(Round { ours, spawn, peer });
+            round.push(run_round(&broker, &queue, &config, n, c, have_amqp_consume).await);
         }
         broker.publish(&queue, n, &body).await;
         let consume = consume_only(&broker, &queue, n, c).await;
@@ -666,20 +657,10 @@ async fn main() {
 
     // Concurrency 1 with one message buffered ahead: the documented setting
     // for short jobs, so that the next delivery is there when a job ends.
+    let config = format!("{}prefetch = 2\n", queue_config(&queue, 1, "/bin/cat"));
     let mut round = Vec::new();
     for _ in 0..rounds {
-        broker.fresh_queue(&queue).await;
-        broker.publish(&queue, n, &body).await;
-        let config = format!("{}prefetch = 2\n", queue_config(&queue, 1, "/bin/cat"));
-        let ours = run_supervisor(&config, n, &[]);
-        let spawn = bare_spawn(n, 1, &body);
-        let peer = if have_amqp_consume {
-            broker.publish(&queue, n, &body).await;
-            amqp_consume(&queue, n)
-        } else {
-            None
-        };
-        round.push(Round { ours, spawn, peer });
+        round.push(run_round(&broker, &queue, &config, n, 1, have_amqp_consume).await);
     }
     broker.delete(&queue).await;
     let ahead = Row::new(1, &round, rows[0].consume, f64::NAN, f64::NAN);
@@ -751,8 +732,32 @@ async fn main() {
 /// One round's measures: ours, (a) and (c) when installed.
 struct Round {
     ours: Ours,
-    spawn: Spawn,
+    spawn: Baseline,
     peer: Option<f64>,
+}
+
+/// Runs amqp-exec on `config` (a queue at concurrency `c`), then (a) and
+/// (c), each on `n` freshly published 1 KiB messages.
+async fn run_round(
+    broker: &Broker,
+    queue: &str,
+    config: &str,
+    n: usize,
+    c: usize,
+    have_amqp_consume: bool,
+) -> Round {
+    let body = vec![b'x'; 1024];
+    broker.fresh_queue(queue).await;
+    broker.publish(queue, n, &body).await;
+    let ours = run_supervisor(config, n, &[]);
+    let spawn = bare_spawn(n, c, &body);
+    let peer = if have_amqp_consume {
+        broker.publish(queue, n, &body).await;
+        amqp_consume(queue, n)
+    } else {
+        None
+    };
+    Round { ours, spawn, peer }
 }
 
 /// One concurrency's figures: the median of each measure over the rounds,
@@ -761,8 +766,8 @@ struct Round {
 struct Row {
     c: usize,
     ours: Ours,
-    spawn: Spawn,
-    consume: Spawn,
+    spawn: Baseline,
+    consume: Baseline,
     peer: Option<f64>,
     over_spawn: f64,
     over_peer: Option<f64>,
@@ -771,7 +776,7 @@ struct Row {
 }
 
 impl Row {
-    fn new(c: usize, rounds: &[Round], consume: Spawn, p50: f64, p99: f64) -> Row {
+    fn new(c: usize, rounds: &[Round], consume: Baseline, p50: f64, p99: f64) -> Row {
         let m = |f: &dyn Fn(&Round) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
         Row {
             c,
@@ -782,7 +787,7 @@ impl Row {
                 broker_cpu_us_per_job: m(&|r| Some(r.ours.broker_cpu_us_per_job))
                     .unwrap_or(f64::NAN),
             },
-            spawn: Spawn {
+            spawn: Baseline {
                 rate: m(&|r| Some(r.spawn.rate)).unwrap_or(f64::NAN),
                 cpu_us_per_job: m(&|r| Some(r.spawn.cpu_us_per_job)).unwrap_or(f64::NAN),
             },
