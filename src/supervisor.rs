@@ -371,6 +371,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
 
 /// How long jobs may still take to settle once they were told to stop.
 const SETTLE_AFTER_INTERRUPT: Duration = Duration::from_secs(5);
+/// How long to wait for the broker to confirm closing the connection.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Waits for the running jobs. Once they were told to stop (shutdown grace
 /// expired, or a second signal), a job stuck settling (a confirm that never
@@ -477,11 +479,11 @@ async fn session(
     wait_for_jobs(shared).await;
     watcher.abort();
     let closing = conn.close(200, "amqp-exec shutting down".into());
-    if tokio::time::timeout(Duration::from_secs(5), closing)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the broker did not confirm closing the connection within 5s");
+    if tokio::time::timeout(CLOSE_LIMIT, closing).await.is_err() {
+        tracing::warn!(
+            "the broker did not confirm closing the connection within {}s",
+            CLOSE_LIMIT.as_secs()
+        );
     }
     false
 }
