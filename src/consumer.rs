@@ -106,6 +106,11 @@ pub async fn run_queue(
                     "{e}; reopening the channel in {}s",
                     channel_retry.as_secs()
                 );
+                // The service is up; this queue says in the log what it waits for.
+                if !reported_ready {
+                    reported_ready = true;
+                    shared.queue_ready();
+                }
                 if !sleep_or_stop(channel_retry, &queue, &conn_lost).await {
                     break;
                 }

@@ -220,8 +220,8 @@ impl Shared {
         self.last_delivery.lock().expect("not poisoned").elapsed()
     }
 
-    /// A queue is consuming (or paused on purpose); the last one makes the
-    /// service ready.
+    /// A queue is consuming, or waiting to try again (its command is
+    /// missing, or its channel failed); the last one makes the service ready.
     pub fn queue_ready(&self) {
         if self.ready.fetch_add(1, Ordering::SeqCst) + 1 == self.queue_count {
             systemd::notify_ready();
@@ -404,27 +404,24 @@ async fn session(
 ) -> bool {
     let conn_lost = CancellationToken::new();
     let mut events = conn.events_listener();
-    let watcher = {
-        let conn_lost = conn_lost.clone();
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    lapin::Event::Error(e) => {
-                        tracing::error!("connection lost: {e}");
-                        conn_lost.cancel();
-                        break;
-                    }
-                    lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
-                        "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
-                    ),
-                    lapin::Event::ConnectionUnblocked => {
-                        tracing::info!("the broker unblocked publishing")
-                    }
-                    _ => {}
+    let watcher = tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                // lapin reports here the channels the broker closed with an
+                // error, not a lost connection (the status poll below finds
+                // that). The channel's consumer logs the error with its queue
+                // and rebuilds the channel; the other queues carry on.
+                lapin::Event::Error(e) => tracing::debug!("the broker closed a channel: {e}"),
+                lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
+                    "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
+                ),
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!("the broker unblocked publishing")
                 }
+                _ => {}
             }
-        })
-    };
+        }
+    });
     let mut consumers = tokio::task::JoinSet::new();
     for q in shared.queues() {
         consumers.spawn(consumer::run_queue(

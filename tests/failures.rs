@@ -519,6 +519,57 @@ async fn conflicting_topology_is_named_and_declare_false_uses_queues_as_they_are
     broker.cleanup().await;
 }
 
+/// A channel error on one queue (here its retry queue exists with other
+/// arguments, so declaring it fails) is that queue's alone: the other queues
+/// keep their connection, and a job running meanwhile is acked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_error_on_one_queue_leaves_the_others_running() {
+    let mut broker = Broker::connect().await;
+    let bad = unique("chan-err-bad");
+    let good = unique("chan-err-good");
+    broker.owns(&bad);
+    broker.declare(&good).await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(5000),
+    );
+    broker
+        .channel
+        .queue_declare(
+            format!("{bad}.retry.1s").as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    broker.publish_id(&good, "slow", b"x").await;
+    let work = Workdir::new();
+    // The good queue's job outlasts several failed attempts of the bad one.
+    let config = format!(
+        "[[queue]]\nname = \"{bad}\"\ncommand = [\"/bin/true\"]\nbackoff = [\"1s\"]\n\n\
+         [[queue]]\nname = \"{good}\"\ncommand = [\"{}\"]\nenv = {{ SLEEP = \"4\" }}\n",
+        record_worker()
+    );
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "1"]);
+    sup.wait_success(Duration::from_secs(30)).await;
+    let log = sup.log_text();
+    assert!(
+        log.contains("already exists with other arguments"),
+        "the bad queue's error is logged: {log}"
+    );
+    assert!(
+        !log.contains("connection lost"),
+        "a channel error is not a lost connection: {log}"
+    );
+    assert_eq!(work.ledger().len(), 1, "the job ran once: {log}");
+    assert_eq!(broker.count(&good).await, Some(0), "and was acked");
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_list_replay_and_purge() {
     let mut broker = Broker::connect().await;
