@@ -227,10 +227,16 @@ async fn consume(
             nack_requeue(&delivery, conn_lost).await;
             break End::Stopped;
         }
+        // With `max_workers` below the queues' concurrency, the delivery may
+        // wait here for a slot: on shutdown or reload it goes back instead.
         let global = tokio::select! {
             biased;
-            _ = shared.interrupt.cancelled() => {
+            _ = queue.stop.cancelled() => {
                 nack_requeue(&delivery, conn_lost).await;
+                shared.unclaim_job();
+                break End::Stopped;
+            }
+            _ = conn_lost.cancelled() => {
                 shared.unclaim_job();
                 break End::Stopped;
             }

@@ -87,6 +87,41 @@ async fn sigterm_drains_running_jobs_and_starts_no_new_ones() {
     broker.cleanup().await;
 }
 
+/// With `max_workers` below the queues' concurrency, a queue can hold a
+/// delivery while it waits for a free worker. On SIGTERM that delivery goes
+/// back to its queue; it does not start when the running job frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_returns_a_delivery_waiting_for_a_max_workers_slot() {
+    let mut broker = Broker::connect().await;
+    let busy = unique("slot-busy");
+    let waiting = unique("slot-waiting");
+    broker.declare(&busy).await;
+    broker.declare(&waiting).await;
+    let work = Workdir::new();
+    broker.publish_id(&busy, "long", b"x").await;
+    let config = format!(
+        "{}{}",
+        starting_queue(&busy, 1, "3", "max_workers = 1"),
+        starting_queue(&waiting, 1, "0", "")
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    wait_starts(&work, 1, Duration::from_secs(20)).await;
+    broker.publish_id(&waiting, "held", b"x").await;
+    // The delivery reaches the supervisor, which waits for the one slot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(broker.count(&waiting).await, Some(0), "delivered and held");
+    sup.signal(Signal::SIGTERM);
+    let status = sup.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}");
+    let ids: Vec<String> = starts(&work).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["long"], "only the running job ran");
+    // Ledger: the running job done, the held one back in its queue.
+    assert_eq!(work.ledger().len(), 1);
+    assert_eq!(broker.count(&busy).await, Some(0));
+    assert_eq!(broker.count(&waiting).await, Some(1));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_grace_expiry_kills_workers_and_requeues() {
     let mut broker = Broker::connect().await;
