@@ -669,6 +669,7 @@ pub async fn dead_replay(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
+    let publisher = publish::ConfirmChannel::new(channel.clone());
     let available = dead_count(&channel, &dead).await?;
     // Bounded by what is there now, so that messages failing again are not replayed in a loop.
     let n = limit.map_or(available, |l| l.min(available));
@@ -698,7 +699,7 @@ pub async fn dead_replay(
             })
             .unwrap_or_default();
         let props = d.properties.clone().with_headers(FieldTable::from(kept));
-        if let Err(e) = publish::publish_confirmed(&channel, "", queue, &d.data, props).await {
+        if let Err(e) = publish::publish_confirmed(&publisher, "", queue, &d.data, props).await {
             let _ = d
                 .acker
                 .nack(BasicNackOptions {

@@ -6,6 +6,7 @@
 
 use crate::broker;
 use crate::job::{self, Permits};
+use crate::publish::ConfirmChannel;
 use crate::supervisor::{QueueState, Shared};
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -185,6 +186,8 @@ async fn consume(
         shared.queue_ready();
     }
 
+    // Jobs settle on the channel their delivery came from.
+    let publisher = ConfirmChannel::new(channel.clone());
     let mut spawn_failures = queue.spawn_failed.subscribe();
     spawn_failures.borrow_and_update();
     let end = loop {
@@ -248,7 +251,7 @@ async fn consume(
         };
         shared.tracker.spawn(job::handle(
             delivery,
-            channel.clone(),
+            publisher.clone(),
             queue.clone(),
             shared.clone(),
             permits,

@@ -7,12 +7,12 @@
 use crate::headers;
 use crate::metrics::{self, QueueStats};
 use crate::policy::{self, Decision, Outcome};
-use crate::publish;
+use crate::publish::{self, ConfirmChannel};
 use crate::runner::{self, Job, LogContext};
 use crate::supervisor::{QueueState, Shared};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, message::Delivery};
+use lapin::{BasicProperties, message::Delivery};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::OwnedSemaphorePermit;
@@ -44,7 +44,7 @@ pub struct Permits {
 /// broken connection may never be answered.
 pub async fn handle(
     delivery: Delivery,
-    channel: Channel,
+    channel: ConfirmChannel,
     queue: Arc<QueueState>,
     shared: Arc<Shared>,
     permits: Permits,
@@ -137,7 +137,7 @@ pub async fn handle(
 /// Records the decision with the broker; true if the original was acked.
 async fn settle(
     delivery: &Delivery,
-    channel: &Channel,
+    channel: &ConfirmChannel,
     queue: &QueueState,
     log: &LogContext,
     attempt: u32,
@@ -248,7 +248,7 @@ async fn settle(
 /// `failure` is given and the message has `reply_to`, then acks.
 async fn republish_then_ack(
     delivery: &Delivery,
-    channel: &Channel,
+    channel: &ConfirmChannel,
     target: &str,
     props: BasicProperties,
     log: &LogContext,
@@ -299,7 +299,7 @@ fn reply_to(delivery: &Delivery) -> Option<&str> {
 /// is logged and the request is acked all the same.
 async fn send_reply(
     delivery: &Delivery,
-    channel: &Channel,
+    channel: &ConfirmChannel,
     result: &runner::JobResult,
     attempt: u32,
     log: &LogContext,

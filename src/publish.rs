@@ -5,6 +5,7 @@
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a republish or reply may wait for its confirm before the job
@@ -49,6 +50,48 @@ impl From<lapin::Error> for PublishError {
     }
 }
 
+/// A channel in confirm mode that concurrent jobs publish on. lapin numbers
+/// a publish for its confirm and queues its frames under two separate locks,
+/// so two publishes racing on one channel from two threads can reach the
+/// broker in the other order, and each would get the other's confirm: an ack
+/// for a dead letter the broker returned. Publishes on it are therefore sent
+/// one at a time; their confirms are still awaited together.
+#[derive(Clone)]
+pub struct ConfirmChannel {
+    channel: Channel,
+    sending: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl ConfirmChannel {
+    /// `channel` must be in confirm mode.
+    pub fn new(channel: Channel) -> Self {
+        ConfirmChannel {
+            channel,
+            sending: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<lapin::PublisherConfirm, PublishError> {
+        let _one_at_a_time = self.sending.lock().await;
+        send_with(
+            &self.channel,
+            exchange,
+            routing_key,
+            body,
+            properties,
+            mandatory,
+        )
+        .await
+    }
+}
+
 /// Sends a mandatory publish and returns the future of its confirmation.
 /// `channel` must be in confirm mode.
 pub async fn send(
@@ -87,13 +130,15 @@ async fn send_with(
 /// reply-to pseudo-queue are not mandatory: the broker returns them as
 /// unroutable even when it delivers them.
 pub async fn publish_reply(
-    channel: &Channel,
+    channel: &ConfirmChannel,
     reply_to: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), PublishError> {
     let mandatory = !reply_to.starts_with("amq.rabbitmq.reply-to");
-    let confirm = send_with(channel, "", reply_to, body, properties, mandatory).await?;
+    let confirm = channel
+        .send("", reply_to, body, properties, mandatory)
+        .await?;
     confirmed(confirm).await
 }
 
@@ -114,13 +159,15 @@ pub fn check(confirmation: Confirmation) -> Result<(), PublishError> {
 
 /// Publishes and waits until the broker has confirmed it.
 pub async fn publish_confirmed(
-    channel: &Channel,
+    channel: &ConfirmChannel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), PublishError> {
-    let confirm = send(channel, exchange, routing_key, body, properties).await?;
+    let confirm = channel
+        .send(exchange, routing_key, body, properties, true)
+        .await?;
     confirmed(confirm).await
 }
 
