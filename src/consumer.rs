@@ -26,7 +26,10 @@ const PAUSE_MAX: Duration = Duration::from_secs(60);
 /// Wait before rebuilding a channel after a channel error.
 const CHANNEL_RETRY: Duration = Duration::from_secs(1);
 const CHANNEL_RETRY_MAX: Duration = Duration::from_secs(30);
-/// How long to wait for the broker to confirm cancelling a consumer.
+/// How long to wait for the broker to confirm cancelling a consumer, and
+/// for handing back the deliveries that were not started. While the broker
+/// blocks the connection (a resource alarm) nothing can be sent; the
+/// deliveries then go back when the connection closes.
 const CANCEL_LIMIT: Duration = Duration::from_secs(5);
 
 enum End {
@@ -273,36 +276,67 @@ async fn stop_consumer(
     name: &str,
     conn_lost: &CancellationToken,
 ) {
+    let deadline = tokio::time::Instant::now() + CANCEL_LIMIT;
     let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
     tokio::select! {
         _ = cancel => {}
         _ = conn_lost.cancelled() => return,
-        _ = tokio::time::sleep(CANCEL_LIMIT) => {
+        _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!(queue = %name, "the broker did not confirm cancelling the consumer within {}s", CANCEL_LIMIT.as_secs());
         }
     }
-    let mut returned = 0;
+    let (mut returned, mut pending) = (0, 0);
     while let Ok(Some(Ok(d))) =
         tokio::time::timeout(Duration::from_millis(50), consumer.next()).await
     {
-        nack_requeue(&d, conn_lost).await;
-        returned += 1;
+        if nack_requeue_by(&d, conn_lost, deadline).await {
+            returned += 1;
+        } else {
+            pending += 1;
+        }
     }
     if returned > 0 {
         tracing::debug!(queue = %name, returned, "returned prefetched messages to the queue");
     }
+    if pending > 0 {
+        tracing::warn!(
+            queue = %name,
+            "{pending} prefetched message(s) could not be handed back within {}s \
+             (is the connection blocked?); they go back to the queue when the connection closes",
+            CANCEL_LIMIT.as_secs()
+        );
+    }
 }
 
 /// Puts a delivery that was not started back in its queue. Does not wait on
-/// a lost connection: the broker requeues the delivery itself then.
+/// a lost connection, nor longer than [`CANCEL_LIMIT`]: the broker requeues
+/// the delivery itself when the connection closes.
 async fn nack_requeue(d: &Delivery, conn_lost: &CancellationToken) {
+    let deadline = tokio::time::Instant::now() + CANCEL_LIMIT;
+    if !nack_requeue_by(d, conn_lost, deadline).await {
+        tracing::warn!(
+            "a message could not be handed back within {}s (is the connection blocked?); \
+             it goes back to the queue when the connection closes",
+            CANCEL_LIMIT.as_secs()
+        );
+    }
+}
+
+/// [`nack_requeue`] with a deadline: false if the deadline passed first.
+/// (On a failed channel or connection the broker has requeued the delivery.)
+async fn nack_requeue_by(
+    d: &Delivery,
+    conn_lost: &CancellationToken,
+    deadline: tokio::time::Instant,
+) -> bool {
     let nack = d.acker.nack(BasicNackOptions {
         requeue: true,
         multiple: false,
     });
     tokio::select! {
-        _ = nack => {}
-        _ = conn_lost.cancelled() => {}
+        _ = nack => true,
+        _ = conn_lost.cancelled() => true,
+        _ = tokio::time::sleep_until(deadline) => false,
     }
 }
 

@@ -8,10 +8,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a republish or reply may wait for its confirm before the job
-/// gives up and leaves the message unacked (a lost confirm must not hold a
-/// worker slot for ever; a resource alarm that blocks publishing longer than
-/// this only makes the message come back later).
+/// How long a republish or reply, once sent, may wait for its confirm before
+/// the job gives up and leaves the message unacked: a lost confirm must not
+/// hold a worker slot for ever. While the broker blocks the connection (a
+/// resource alarm) nothing is sent at all, and the job keeps its slot until
+/// the alarm ends or the shutdown grace runs out.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a publish did not end with the broker taking responsibility.

@@ -12,7 +12,7 @@ use futures_lite::StreamExt;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -137,6 +137,8 @@ pub struct Shared {
     pub global: Arc<Semaphore>,
     pub stop: CancellationToken,
     pub interrupt: CancellationToken,
+    /// When jobs still settling after `interrupt` are given up.
+    settle_deadline: OnceLock<tokio::time::Instant>,
     /// Every running job.
     pub tracker: TaskTracker,
     pub stats: GlobalStats,
@@ -159,6 +161,7 @@ impl Shared {
             global: Arc::new(Semaphore::new(cfg.max_workers)),
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
+            settle_deadline: OnceLock::new(),
             tracker: TaskTracker::new(),
             stats: GlobalStats::default(),
             max_jobs: opts.max_jobs,
@@ -361,7 +364,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
 
     systemd::notify_stopping();
     let running = shared.tracker.len();
-    if running > 0 {
+    if running > 0 && shared.settle_deadline.get().is_none() {
         tracing::info!("waiting for {running} running job(s) to finish");
     }
     wait_for_jobs(&shared).await;
@@ -382,15 +385,23 @@ async fn wait_for_jobs(shared: &Shared) {
     shared.tracker.close();
     let given_up = async {
         shared.interrupt.cancelled().await;
-        tokio::time::sleep(SETTLE_AFTER_INTERRUPT).await;
+        // One limit from the first wait on; a later wait does not add to it.
+        let deadline = *shared
+            .settle_deadline
+            .get_or_init(|| tokio::time::Instant::now() + SETTLE_AFTER_INTERRUPT);
+        let passed = tokio::time::Instant::now() >= deadline;
+        tokio::time::sleep_until(deadline).await;
+        passed
     };
     tokio::select! {
         _ = shared.tracker.wait() => {}
-        _ = given_up => tracing::warn!(
-            "{} job(s) did not settle after being stopped; their messages go back to the queue \
-             when the connection closes",
-            shared.tracker.len()
-        ),
+        passed = given_up => if !passed {
+            tracing::warn!(
+                "{} job(s) did not settle after being stopped; their messages go back to the queue \
+                 when the connection closes",
+                shared.tracker.len()
+            )
+        },
     }
 }
 
@@ -475,6 +486,11 @@ async fn session(
     // Shutdown: jobs still need this connection to settle their messages.
     wait_for_jobs(shared).await;
     watcher.abort();
+    if conn.status().blocked() {
+        // Nothing can be sent, the close included: the socket closes on exit.
+        tracing::warn!("the broker still blocks the connection; closing it without waiting");
+        return false;
+    }
     let closing = conn.close(200, "amqp-exec shutting down".into());
     if tokio::time::timeout(CLOSE_LIMIT, closing).await.is_err() {
         tracing::warn!(
