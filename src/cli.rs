@@ -4,7 +4,8 @@
 
 use crate::config::{self, Config, dead_queue_name};
 use crate::job::{
-    ATTEMPT_HEADER, ATTEMPTS_HEADER, EXIT_HEADER, FAILED_AT_HEADER, QUEUE_HEADER, STDERR_HEADER,
+    ATTEMPT_HEADER, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER, EXIT_HEADER, FAILED_AT_HEADER,
+    QUEUE_HEADER, STDERR_HEADER,
 };
 use crate::{broker, consumer, headers, publish};
 use lapin::options::{
@@ -691,8 +692,12 @@ pub async fn dead_replay(
             .map(|t| {
                 t.inner()
                     .iter()
+                    // Our own headers, and the count of a quorum dead queue's
+                    // returns (`dead list` adds to it): the attempts start over.
                     .filter(|(k, _)| {
-                        !k.as_str().starts_with("x-amqp-exec-") && k.as_str() != ATTEMPT_HEADER
+                        !k.as_str().starts_with("x-amqp-exec-")
+                            && k.as_str() != ATTEMPT_HEADER
+                            && k.as_str() != DELIVERY_COUNT_HEADER
                     })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()

@@ -67,6 +67,48 @@ async fn quorum_queues_and_their_retry_path() {
     broker.cleanup().await;
 }
 
+/// On a quorum dead-letter queue, `dead list` hands the messages back, which
+/// the broker counts in `x-delivery-count`; a replayed message still starts
+/// again at attempt 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_quorum_dead_queue_starts_at_attempt_one() {
+    let mut broker = Broker::connect().await;
+    let q = unique("quorum-replay");
+    broker.owns(&q);
+    let work = Workdir::new();
+    // Dead-letters at once (exit 65) until the file "pass" exists.
+    let w = work.script(
+        "w.sh",
+        "#!/bin/sh\ncat >/dev/null\necho \"$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT 0 0 $$\" >> \"$RECORD_DIR/ledger\"\n[ -e \"$RECORD_DIR/pass\" ] || exit 65\n",
+    );
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\n",
+        w.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "1"]);
+    sup.wait_log("consuming", Duration::from_secs(30)).await;
+    broker.publish_id(&q, "m1", b"x").await;
+    sup.wait_success(Duration::from_secs(30)).await;
+    let dead = format!("{q}.dead");
+    assert_eq!(broker.count(&dead).await, Some(1));
+    for _ in 0..2 {
+        let (status, stdout, stderr) = cli(&["dead", "list", "--queue", &q], None);
+        assert!(status.success(), "{stderr}");
+        assert!(stdout.contains("m1"), "{stdout}");
+    }
+    let (status, _, stderr) = cli(&["dead", "replay", "--queue", &q], None);
+    assert!(status.success(), "{stderr}");
+    work.write("pass", "");
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "1"]);
+    sup.wait_success(Duration::from_secs(30)).await;
+    let attempts: Vec<u32> = work.ledger().iter().map(|r| r.attempt).collect();
+    assert_eq!(attempts, [1, 1], "the replayed run is attempt 1 again");
+    // Ledger: 1 published = 1 done, nothing waiting, nothing dead.
+    assert_eq!(broker.count(&q).await, Some(0));
+    assert_eq!(broker.count(&dead).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_exchange_binding_routes_matching_keys_only() {
     let mut broker = Broker::connect().await;
