@@ -22,6 +22,12 @@ pub const DEFAULT_PATH: &str = "/etc/amqp-exec/config.toml";
 /// The broker URL used when neither the config nor `AMQP_URL` gives one.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// Highest `concurrency`: the most unacked deliveries (`prefetch`) a
+/// consumer can have.
+const MAX_CONCURRENCY: usize = 65535;
+/// Highest `max_workers`.
+const MAX_WORKERS: usize = 1_000_000;
+
 /// A configuration mistake, with the file it was found in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -324,7 +330,11 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
 
     let total: usize = queues.iter().map(|q| q.concurrency).sum();
     let max_workers = match raw.max_workers {
-        Some(0) => return Err(err("key `max_workers`: must be at least 1".into())),
+        Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
+            return Err(err(format!(
+                "key `max_workers`: must be between 1 and {MAX_WORKERS}"
+            )));
+        }
         Some(n) => n,
         None => total,
     };
@@ -387,8 +397,12 @@ fn parse_broker(
         Some(s) => parse_duration(&s).map_err(|m| format!("[broker] key `heartbeat`: {m}"))?,
         None => Duration::from_secs(30),
     };
-    if heartbeat.as_secs() > u64::from(u16::MAX) {
-        return Err("[broker] key `heartbeat`: at most 65535s".into());
+    // AMQP negotiates whole seconds, and 0 would leave the choice to the broker.
+    if heartbeat < Duration::from_secs(1)
+        || heartbeat.as_secs() > u64::from(u16::MAX)
+        || heartbeat.subsec_nanos() != 0
+    {
+        return Err("[broker] key `heartbeat`: must be whole seconds between 1s and 65535s".into());
     }
     let connect_timeout = match raw.connect_timeout {
         Some(s) => {
@@ -396,6 +410,9 @@ fn parse_broker(
         }
         None => Duration::from_secs(10),
     };
+    if connect_timeout.is_zero() {
+        return Err("[broker] key `connect_timeout`: must be greater than 0".into());
+    }
     let tls = match (raw.tls, tls_wanted) {
         (Some(t), _) => {
             // Relative paths are taken from the config file's folder.
@@ -436,10 +453,13 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         return Err("key `command`: must not be empty; it is an argv array whose first element is the program".into());
     }
     let concurrency = raw.concurrency.unwrap_or(1);
-    if concurrency == 0 {
-        return Err("key `concurrency`: must be at least 1".into());
+    // More workers than the broker may send unacked deliveries could never run.
+    if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+        return Err(format!(
+            "key `concurrency`: must be between 1 and {MAX_CONCURRENCY}"
+        ));
     }
-    let prefetch = raw.prefetch.unwrap_or(concurrency.min(65535) as u32);
+    let prefetch = raw.prefetch.unwrap_or(concurrency as u32);
     if prefetch == 0 || prefetch > 65535 {
         return Err("key `prefetch`: must be between 1 and 65535".into());
     }
@@ -458,8 +478,12 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
     }
     let kill_grace = duration("kill_grace", raw.kill_grace, Duration::from_secs(10))?;
     let max_attempts = raw.max_attempts.unwrap_or(5);
-    if max_attempts == 0 {
-        return Err("key `max_attempts`: must be at least 1".into());
+    // The attempt number travels as a signed 32-bit header.
+    if max_attempts == 0 || max_attempts > i32::MAX as u32 {
+        return Err(format!(
+            "key `max_attempts`: must be between 1 and {}",
+            i32::MAX
+        ));
     }
     let backoff = match raw.backoff {
         Some(list) => {
@@ -866,6 +890,38 @@ mod tests {
 
         let e = error_of("");
         assert!(e.contains("no [[queue]]"), "{e}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_named() {
+        let q = "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n";
+        for (text, key) in [
+            (format!("{q}concurrency = 65536\n"), "`concurrency`"),
+            (format!("{q}concurrency = 0\n"), "`concurrency`"),
+            (format!("{q}max_attempts = 2147483648\n"), "`max_attempts`"),
+            (format!("max_workers = 1000001\n{q}"), "`max_workers`"),
+            (
+                format!("[broker]\nheartbeat = \"500ms\"\n{q}"),
+                "`heartbeat`",
+            ),
+            (format!("[broker]\nheartbeat = \"0s\"\n{q}"), "`heartbeat`"),
+            (
+                format!("[broker]\nheartbeat = \"1.5s\"\n{q}"),
+                "`heartbeat`",
+            ),
+            (
+                format!("[broker]\nconnect_timeout = \"0s\"\n{q}"),
+                "`connect_timeout`",
+            ),
+        ] {
+            let e = error_of(&text);
+            assert!(e.contains(key) && e.contains("/etc/x.toml"), "{text}: {e}");
+        }
+        let c = p(&format!(
+            "max_workers = 1000000\n{q}concurrency = 65535\nmax_attempts = 2147483647\n"
+        ))
+        .unwrap();
+        assert_eq!(c.queues[0].prefetch, 65535);
     }
 
     #[test]
