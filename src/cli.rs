@@ -670,7 +670,7 @@ pub async fn dead_replay(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
-    let publisher = publish::ConfirmChannel::new(channel.clone());
+    let publisher = publish::ConfirmChannel::new(channel.clone(), &conn);
     let available = dead_count(&channel, &dead).await?;
     // Bounded by what is there now, so that messages failing again are not replayed in a loop.
     let n = limit.map_or(available, |l| l.min(available));

@@ -190,7 +190,7 @@ async fn consume(
     }
 
     // Jobs settle on the channel their delivery came from.
-    let publisher = ConfirmChannel::new(channel.clone());
+    let publisher = ConfirmChannel::new(channel.clone(), conn);
     let mut spawn_failures = queue.spawn_failed.subscribe();
     spawn_failures.borrow_and_update();
     let end = loop {

@@ -227,7 +227,6 @@ async fn settle(
             let mut table = copy_headers(delivery.properties.headers().as_ref());
             table.insert(EXIT_HEADER.into(), long_string(&label));
             table.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(attempt as i32));
-            table.insert(STDERR_HEADER.into(), long_string(&tail));
             table.insert(
                 FAILED_AT_HEADER.into(),
                 long_string(&humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
@@ -236,6 +235,8 @@ async fn settle(
             if table.contains_key(ATTEMPT_HEADER) {
                 table.inner_mut_remove(ATTEMPT_HEADER);
             }
+            let room = stderr_room(&table, channel.frame_max());
+            table.insert(STDERR_HEADER.into(), long_string(last_bytes(&tail, room)));
             let props = republished(&delivery.properties, table);
             let target = queue.cfg.dead_queue();
             let failure = Some((result, attempt));
@@ -426,6 +427,29 @@ fn long_string(s: &str) -> AMQPValue {
 
 /// The headers to republish with: the original ones minus the quorum
 /// queue's delivery count, which belongs to the old message.
+/// Room kept in a message's header frame for the properties besides the
+/// headers (at most ten short strings and a few numbers) and the frame's own
+/// bytes.
+const PROPERTIES_RESERVE: usize = 3 * 1024;
+
+/// How many bytes of stderr fit in the dead letter's `x-amqp-exec-stderr`
+/// beside `table`: a header frame larger than the connection's `frame_max`
+/// would make the broker close the connection.
+fn stderr_room(table: &FieldTable, frame_max: usize) -> usize {
+    // The header's key and its long string's type and length.
+    let entry = 1 + STDERR_HEADER.len() + 1 + 4;
+    frame_max.saturating_sub(PROPERTIES_RESERVE + headers::encoded_size(table) + entry)
+}
+
+/// The end of `text`, at most `max` bytes, cut at a character boundary.
+fn last_bytes(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
 fn copy_headers(table: Option<&FieldTable>) -> FieldTable {
     let mut t = table.cloned().unwrap_or_default();
     if t.contains_key(DELIVERY_COUNT_HEADER) {
@@ -500,5 +524,31 @@ fn clean(s: &str) -> String {
         s.replace('\0', "")
     } else {
         s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_bytes_cuts_at_a_character_boundary() {
+        assert_eq!(last_bytes("héllo", 4), "llo");
+        assert_eq!(last_bytes("héllo", 5), "éllo");
+        assert_eq!(last_bytes("abc", 10), "abc");
+        assert_eq!(last_bytes("abc", 0), "");
+    }
+
+    #[test]
+    fn stderr_room_keeps_the_header_frame_within_frame_max() {
+        let entry = 1 + STDERR_HEADER.len() + 1 + 4;
+        let mut t = FieldTable::default();
+        assert_eq!(
+            stderr_room(&t, 131_072),
+            131_072 - PROPERTIES_RESERVE - 4 - entry
+        );
+        t.insert("big".into(), long_string(&"v".repeat(130_000)));
+        assert_eq!(stderr_room(&t, 131_072), 0);
+        assert!(stderr_room(&t, usize::MAX) > 4096);
     }
 }

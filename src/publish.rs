@@ -61,15 +61,27 @@ impl From<lapin::Error> for PublishError {
 pub struct ConfirmChannel {
     channel: Channel,
     sending: Arc<tokio::sync::Mutex<()>>,
+    frame_max: usize,
 }
 
 impl ConfirmChannel {
-    /// `channel` must be in confirm mode.
-    pub fn new(channel: Channel) -> Self {
+    /// `channel` must be in confirm mode; `conn` is its connection.
+    pub fn new(channel: Channel, conn: &lapin::Connection) -> Self {
+        let frame_max = match conn.configuration().frame_max() {
+            0 => usize::MAX,
+            n => n as usize,
+        };
         ConfirmChannel {
             channel,
             sending: Arc::new(tokio::sync::Mutex::new(())),
+            frame_max,
         }
+    }
+
+    /// The largest frame the connection takes; a message's properties, its
+    /// headers included, must fit in one.
+    pub fn frame_max(&self) -> usize {
+        self.frame_max
     }
 
     async fn send(

@@ -75,6 +75,10 @@ async fn every_bad_input_gets_a_clear_outcome() {
             props: BasicProperties::default().with_headers(headers(100, |_| AMQPValue::LongString(LongString::from("v".repeat(1000))))), expect: Expect::Done },
         Case { name: "deep-headers", command: recorder("deep-headers"), extra: "", body: b"x".to_vec(),
             props: BasicProperties::default().with_headers(nested(100)), expect: Expect::Done },
+        // Near the broker's frame_max (128 KiB): the dead letter's stderr
+        // header must shrink to fit, or the broker closes the connection.
+        Case { name: "frame-filling-headers", command: "[\"/bin/sh\", \"-c\", \"cat >/dev/null; yes e | head -c 5000 >&2; echo last-line >&2; exit 65\"]".into(), extra: "", body: b"x".to_vec(),
+            props: BasicProperties::default().with_headers(headers(1, |_| AMQPValue::LongString(LongString::from("v".repeat(127_500))))), expect: Expect::Dead("65") },
         Case { name: "non-utf8-headers", command: recorder("non-utf8-headers"), extra: "", body: b"x".to_vec(),
             props: BasicProperties::default().with_headers(headers(3, |i| match i {
                 0 => AMQPValue::ByteArray(ByteArray::from(vec![0xff, 0xfe, 0x00])),
@@ -158,6 +162,14 @@ async fn every_bad_input_gets_a_clear_outcome() {
                 "case {}",
                 case.name
             );
+            if case.name == "frame-filling-headers" {
+                let stderr = header(&dead[0], "x-amqp-exec-stderr").unwrap_or_default();
+                assert!(
+                    stderr.len() < 4096 && stderr.ends_with("last-line\n"),
+                    "the stderr tail is cut to fit: {} bytes",
+                    stderr.len()
+                );
+            }
         }
     }
     let read =
