@@ -10,6 +10,39 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+/// The largest frame asked for when the URL sets no `frame_max`: RabbitMQ's
+/// default, and the bound on how large, and so how deeply nested, the
+/// headers of a delivery can be.
+pub const FRAME_MAX: u32 = 131_072;
+
+/// Stack size for the threads that lapin and tokio start without a size of
+/// their own (set through `RUST_MIN_STACK` before any thread starts). lapin
+/// reads and writes message headers on its I/O thread, one level of
+/// recursion per level of nesting: a delivery with headers nested some
+/// thousands deep overflowed the default 2 MiB stack and aborted the process,
+/// then again on every redelivery. 64 MiB holds the deepest nesting a
+/// [`FRAME_MAX`] frame can carry (measured: 26,000 levels need more than
+/// 16 MiB). It is address space; a thread's memory is only what it touches.
+pub const THREAD_STACK: usize = 64 << 20;
+
+/// Sets `RUST_MIN_STACK` to [`THREAD_STACK`] unless it is set already.
+/// Workers do not inherit it (see [`is_own_stack_setting`]).
+///
+/// # Safety
+///
+/// It changes the environment: call it before any other thread starts.
+pub unsafe fn use_thread_stack() {
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: the caller guarantees that no other thread runs yet.
+        unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string()) };
+    }
+}
+
+/// True for the `RUST_MIN_STACK` that [`use_thread_stack`] set.
+pub fn is_own_stack_setting(key: &str, value: &std::ffi::OsStr) -> bool {
+    key == "RUST_MIN_STACK" && value.to_str() == Some(THREAD_STACK.to_string().as_str())
+}
+
 /// Parses a broker URL. The error text never contains the password.
 pub fn parse_uri(url: &str) -> Result<AMQPUri, String> {
     url.parse::<AMQPUri>().map_err(|e| {
@@ -60,6 +93,7 @@ pub async fn connect(url: &str, broker: &BrokerConfig, name: &str) -> Result<Con
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(broker.heartbeat.as_secs().min(u64::from(u16::MAX)) as u16);
     }
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = async {
         match (&broker.tls, &uri.scheme) {

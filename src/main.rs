@@ -158,6 +158,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any other thread starts.
+    unsafe { amqp_exec::broker::use_thread_stack() };
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if !matches!(cli.command, Command::Run { .. }) {

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString};
+use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,6 +46,17 @@ fn nested(depth: usize) -> FieldTable {
     t
 }
 
+/// A header holding arrays nested `depth` deep.
+fn nested_arrays(depth: usize) -> FieldTable {
+    let mut v = AMQPValue::LongInt(1);
+    for _ in 0..depth {
+        v = AMQPValue::FieldArray(FieldArray::from(vec![v]));
+    }
+    let mut t = FieldTable::default();
+    t.insert("deep".into(), v);
+    t
+}
+
 fn headers(n: usize, value: impl Fn(usize) -> AMQPValue) -> FieldTable {
     let mut t = FieldTable::default();
     for i in 0..n {
@@ -79,6 +90,10 @@ async fn every_bad_input_gets_a_clear_outcome() {
         // header must shrink to fit, or the broker closes the connection.
         Case { name: "frame-filling-headers", command: "[\"/bin/sh\", \"-c\", \"cat >/dev/null; yes e | head -c 5000 >&2; echo last-line >&2; exit 65\"]".into(), extra: "", body: b"x".to_vec(),
             props: BasicProperties::default().with_headers(headers(1, |_| AMQPValue::LongString(LongString::from("v".repeat(127_500))))), expect: Expect::Dead("65") },
+        // lapin parses headers recursively on its own thread: with the
+        // default 2 MiB stack this depth aborted the (debug) supervisor.
+        Case { name: "very-deep-headers", command: recorder("very-deep-headers"), extra: "", body: b"x".to_vec(),
+            props: BasicProperties::default().with_headers(nested_arrays(1000)), expect: Expect::Done },
         Case { name: "non-utf8-headers", command: recorder("non-utf8-headers"), extra: "", body: b"x".to_vec(),
             props: BasicProperties::default().with_headers(headers(3, |i| match i {
                 0 => AMQPValue::ByteArray(ByteArray::from(vec![0xff, 0xfe, 0x00])),
@@ -187,6 +202,12 @@ async fn every_bad_input_gets_a_clear_outcome() {
     assert!(env.lines().any(|l| l == "AMQP_EXEC_MESSAGE_ID="), "{env}");
     assert!(env.lines().any(|l| l == "AMQP_EXEC_CONTENT_TYPE="), "{env}");
     assert!(!env.contains("AMQP_EXEC_TIMESTAMP="), "{env}");
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        assert!(
+            !env.contains("RUST_MIN_STACK="),
+            "the supervisor's own stack setting is not passed on: {env}"
+        );
+    }
     let h: serde_json::Value = serde_json::from_str(&text("thousand-headers.headers")).unwrap();
     assert_eq!(h.as_object().unwrap().len(), 1000);
     assert_eq!(h["h999"], 999);
