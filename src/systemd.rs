@@ -41,25 +41,46 @@ pub fn notify_stopping() {
     notify(&[NotifyState::Stopping]);
 }
 
-/// The `STATUS=` text: per queue "name busy/concurrency busy", then totals.
+/// Longest list of queues in the `STATUS=` text. systemd ignores a notify
+/// message over 4 KiB whole, so the line is kept well below that.
+const STATUS_QUEUES_MAX: usize = 1024;
+
+/// The `STATUS=` text of the running queues.
 pub fn status_line(queues: &[Arc<QueueState>]) -> String {
-    let mut parts = Vec::with_capacity(queues.len() + 3);
     let (mut ok, mut retried, mut dead) = (0, 0, 0);
     for q in queues {
-        parts.push(format!(
-            "{} {}/{} busy",
-            q.name,
-            get(&q.stats.running),
-            q.cfg.concurrency
-        ));
         ok += get(&q.stats.ok);
         retried += get(&q.stats.retried);
         dead += get(&q.stats.dead);
     }
-    parts.push(format!("{ok} ok"));
-    parts.push(format!("{retried} retried"));
-    parts.push(format!("{dead} dead"));
-    parts.join(" · ")
+    let busy = queues
+        .iter()
+        .map(|q| (&*q.name, get(&q.stats.running), q.cfg.concurrency));
+    status_text(busy, [ok, retried, dead])
+}
+
+/// Per queue "name busy/concurrency busy", as many as fit in
+/// [`STATUS_QUEUES_MAX`] bytes and then "+N more queues", then the ok,
+/// retried and dead totals.
+fn status_text<'a>(
+    busy: impl Iterator<Item = (&'a str, u64, usize)>,
+    [ok, retried, dead]: [u64; 3],
+) -> String {
+    let mut line = String::new();
+    let mut hidden = 0;
+    for (name, running, concurrency) in busy {
+        let part = format!("{name} {running}/{concurrency} busy · ");
+        if hidden == 0 && line.len() + part.len() <= STATUS_QUEUES_MAX {
+            line.push_str(&part);
+        } else {
+            hidden += 1;
+        }
+    }
+    if hidden > 0 {
+        line.push_str(&format!("+{hidden} more queues · "));
+    }
+    line.push_str(&format!("{ok} ok · {retried} retried · {dead} dead"));
+    line
 }
 
 /// Sends STATUS every 2 s and WATCHDOG at half the watchdog interval while
@@ -87,11 +108,32 @@ pub fn spawn_status(shared: Arc<Shared>) {
             }
             let healthy = disconnected_since.is_none_or(|t| t.elapsed() < UNHEALTHY_AFTER);
             let status = status_line(&shared.queues());
+            // Apart: a status line systemd refused must not cost the ping.
+            notify(&[NotifyState::Status(&status)]);
             if watchdog.is_some() && healthy {
-                notify(&[NotifyState::Status(&status), NotifyState::Watchdog]);
-            } else {
-                notify(&[NotifyState::Status(&status)]);
+                notify(&[NotifyState::Watchdog]);
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_queues_that_fit_and_counts_the_rest() {
+        let line = status_text([("a", 1, 2), ("b", 0, 4)].into_iter(), [5, 1, 0]);
+        assert_eq!(line, "a 1/2 busy · b 0/4 busy · 5 ok · 1 retried · 0 dead");
+
+        let names: Vec<String> = (0..100).map(|i| format!("{i:0>200}")).collect();
+        let line = status_text(names.iter().map(|n| (n.as_str(), 0, 1)), [0; 3]);
+        assert!(line.len() < 1200, "{} bytes", line.len());
+        assert!(line.contains(" more queues · 0 ok"), "{line}");
+        let shown = line.matches(" busy").count();
+        assert!(
+            line.contains(&format!("+{} more queues", 100 - shown)),
+            "{line}"
+        );
+    }
 }
