@@ -446,11 +446,18 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
     if name.len() > 200 {
         return Err("key `name`: at most 200 bytes".into());
     }
+    if name.chars().any(char::is_control) {
+        return Err(format!("key `name`: {name:?} contains a control character"));
+    }
     let command = raw.command.ok_or(
         "key `command` is missing (an argv array, e.g. [\"/usr/bin/php\", \"worker.php\"])",
     )?;
     if command.is_empty() || command[0].is_empty() {
         return Err("key `command`: must not be empty; it is an argv array whose first element is the program".into());
+    }
+    // No process can be started with a NUL byte in its arguments.
+    if let Some(arg) = command.iter().find(|a| a.contains('\0')) {
+        return Err(format!("key `command`: {arg:?} contains a NUL byte"));
     }
     let concurrency = raw.concurrency.unwrap_or(1);
     // More workers than the broker may send unacked deliveries could never run.
@@ -463,9 +470,12 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
     if prefetch == 0 || prefetch > 65535 {
         return Err("key `prefetch`: must be between 1 and 65535".into());
     }
-    for key in raw.env.iter().flat_map(|e| e.keys()) {
+    for (key, value) in raw.env.iter().flatten() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(format!("key `env`: invalid variable name {key:?}"));
+        }
+        if value.contains('\0') {
+            return Err(format!("key `env`: the value of {key} contains a NUL byte"));
         }
     }
     let duration = |key: &str, value: Option<String>, default: Duration| match value {
@@ -893,7 +903,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_out_of_range_are_named() {
+    fn values_out_of_range_are_named() {
         let q = "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n";
         for (text, key) in [
             (format!("{q}concurrency = 65536\n"), "`concurrency`"),
@@ -912,6 +922,15 @@ mod tests {
             (
                 format!("[broker]\nconnect_timeout = \"0s\"\n{q}"),
                 "`connect_timeout`",
+            ),
+            (format!("{q}env = {{ A = \"x\\u0000y\" }}\n"), "`env`"),
+            (
+                "[[queue]]\nname = \"a\"\ncommand = [\"x\", \"\\u0000\"]\n".to_owned(),
+                "`command`",
+            ),
+            (
+                "[[queue]]\nname = \"a\\nb\"\ncommand = [\"x\"]\n".to_owned(),
+                "`name`",
             ),
         ] {
             let e = error_of(&text);
