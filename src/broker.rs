@@ -45,13 +45,21 @@ pub fn is_own_stack_setting(key: &str, value: &std::ffi::OsStr) -> bool {
 
 /// Parses a broker URL. The error text never contains the password.
 pub fn parse_uri(url: &str) -> Result<AMQPUri, String> {
-    url.parse::<AMQPUri>().map_err(|e| {
+    let mut uri = url.parse::<AMQPUri>().map_err(|e| {
         format!(
             "invalid broker URL {}: {}",
             redact(url),
             redact_text(&e, url)
         )
-    })
+    })?;
+    // lapin's parser takes the host from a domain name only: for an IPv6
+    // address it would fall back to "localhost", and connect there.
+    if let Ok(parsed) = url::Url::parse(url)
+        && let Some(url::Host::Ipv6(addr)) = parsed.host()
+    {
+        uri.authority.host = addr.to_string();
+    }
+    Ok(uri)
 }
 
 /// The URL with its password replaced by `***`, for logs and messages.
@@ -306,5 +314,19 @@ mod tests {
                 .unwrap_err()
                 .contains("topsecret")
         );
+    }
+
+    #[test]
+    fn hosts_of_every_kind_are_kept() {
+        for (url, host, port) in [
+            ("amqp://u:p@[fd00::10]:5673/%2f", "fd00::10", 5673),
+            ("amqps://[::1]/%2f", "::1", 5671),
+            ("amqp://10.0.0.7/%2f", "10.0.0.7", 5672),
+            ("amqp://rabbit.example/%2f", "rabbit.example", 5672),
+        ] {
+            let uri = parse_uri(url).unwrap();
+            assert_eq!(uri.authority.host, host, "{url}");
+            assert_eq!(uri.authority.port, port, "{url}");
+        }
     }
 }
