@@ -573,9 +573,20 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         Some(s) => Some(parse_rate(&s).map_err(|m| format!("key `max_rate`: {m}"))?),
         None => None,
     };
+    // RabbitMQ (from 4.0 on, by default) closes the channel of a larger
+    // message: the reply would fail, and the request run again, for ever.
+    const MAX_REPLY: u64 = 16 * 1024 * 1024;
     let max_reply_bytes = match raw.max_reply_bytes {
-        Some(v) => size_of(v).map_err(|m| format!("key `max_reply_bytes`: {m}"))? as usize,
-        None => 16 * 1024 * 1024,
+        Some(v) => match size_of(v).map_err(|m| format!("key `max_reply_bytes`: {m}"))? {
+            n if n > MAX_REPLY => {
+                return Err(
+                    "key `max_reply_bytes`: at most 16M, RabbitMQ's default max_message_size"
+                        .into(),
+                );
+            }
+            n => n as usize,
+        },
+        None => MAX_REPLY as usize,
     };
     let sandbox = Sandbox {
         user: match raw.user {
@@ -924,6 +935,10 @@ mod tests {
                 "`connect_timeout`",
             ),
             (format!("{q}env = {{ A = \"x\\u0000y\" }}\n"), "`env`"),
+            (
+                format!("{q}max_reply_bytes = \"17M\"\n"),
+                "`max_reply_bytes`",
+            ),
             (
                 "[[queue]]\nname = \"a\"\ncommand = [\"x\", \"\\u0000\"]\n".to_owned(),
                 "`command`",
