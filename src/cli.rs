@@ -604,7 +604,10 @@ pub async fn dead_list(
     let (conn, channel) = open(broker, "dead list").await?;
     let available = dead_count(&channel, &dead).await?;
     let n = limit.map_or(available, |l| l.min(available));
-    let mut held = Vec::new();
+    // Only the last delivery's acker is kept: one nack with `multiple` hands
+    // them all back, and the bodies need not stay in memory.
+    let mut shown = 0usize;
+    let mut last = None;
     for _ in 0..n {
         match channel
             .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
@@ -631,16 +634,16 @@ pub async fn dead_list(
                             .unwrap_or("")
                     );
                 }
-                held.push(m.delivery);
+                shown += 1;
+                last = Some(m.delivery.acker);
             }
             Ok(None) => break,
             Err(e) => return Err(Failure::new(1, format!("cannot read {dead}: {e}"))),
         }
     }
     // Put them back where they were.
-    if let Some(last) = held.last() {
+    if let Some(last) = last {
         let _ = last
-            .acker
             .nack(BasicNackOptions {
                 multiple: true,
                 requeue: true,
@@ -648,10 +651,7 @@ pub async fn dead_list(
             .await;
     }
     if !json {
-        eprintln!(
-            "{} of {available} dead letter(s) in \"{dead}\" shown",
-            held.len()
-        );
+        eprintln!("{shown} of {available} dead letter(s) in \"{dead}\" shown");
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(())
