@@ -230,67 +230,83 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
+/// Most scrapes answered at once; further connections wait in the kernel's
+/// backlog.
+const CONNECTIONS_MAX: usize = 64;
+/// Time allowed for reading a request and writing its answer.
+const REQUEST_LIMIT: Duration = Duration::from_secs(5);
+
 /// Binds `addr` and serves `/metrics` and `/healthz` until the process ends.
 pub async fn serve(addr: std::net::SocketAddr, shared: Arc<Shared>) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("[metrics] cannot listen on {addr}: {e}"))?;
     tracing::info!("metrics on http://{addr}/metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: do not spin on it.
+                    tracing::debug!("metrics: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let shared = shared.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut len = 0;
-                let read = async {
-                    while len < buf.len() {
-                        match stream.read(&mut buf[len..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => len += n,
-                        }
-                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                };
-                if tokio::time::timeout(Duration::from_secs(5), read)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let request = String::from_utf8_lossy(&buf[..len]);
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let (status, kind, body) = match path.split('?').next().unwrap_or("") {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&shared)),
-                    "/healthz" if get(&shared.stats.connected) == 1 => {
-                        ("200 OK", "text/plain", "ok\n".to_owned())
-                    }
-                    "/healthz" => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "not connected to the broker\n".to_owned(),
-                    ),
-                    _ => (
-                        "404 Not Found",
-                        "text/plain",
-                        "try /metrics or /healthz\n".to_owned(),
-                    ),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-                let _ = stream.shutdown().await;
+                let _slot = slot;
+                let _ = tokio::time::timeout(REQUEST_LIMIT, answer(&mut stream, &shared)).await;
             });
         }
     });
     Ok(())
+}
+
+/// Reads one request and writes its answer.
+async fn answer(stream: &mut tokio::net::TcpStream, shared: &Shared) {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while len < buf.len() {
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let request = String::from_utf8_lossy(&buf[..len]);
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (status, kind, body) = match path.split('?').next().unwrap_or("") {
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(shared)),
+        "/healthz" if get(&shared.stats.connected) == 1 => {
+            ("200 OK", "text/plain", "ok\n".to_owned())
+        }
+        "/healthz" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not connected to the broker\n".to_owned(),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /healthz\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 #[cfg(test)]
