@@ -72,11 +72,29 @@ impl QueueState {
     }
 
     /// A queue's new state after a reload changed its config; it keeps the
-    /// counters, and the worker slots when the concurrency is unchanged.
+    /// counters and the worker slots, whose number follows the new
+    /// concurrency: workers still running hold theirs, so a lower limit
+    /// takes effect as they finish.
     fn replacing(cfg: QueueConfig, shared: &Shared, old: Option<&QueueState>) -> Self {
         let slots = match old {
-            Some(o) if o.cfg.concurrency == cfg.concurrency => o.slots.clone(),
-            _ => Arc::new(Semaphore::new(cfg.concurrency)),
+            Some(o) => {
+                let slots = o.slots.clone();
+                let (was, now) = (o.cfg.concurrency, cfg.concurrency);
+                if now > was {
+                    slots.add_permits(now - was);
+                } else if now < was {
+                    // Concurrency is at most 65535 (config), so it fits.
+                    let surplus = (was - now) as u32;
+                    let taken = slots.clone();
+                    tokio::spawn(async move {
+                        if let Ok(permits) = taken.acquire_many_owned(surplus).await {
+                            permits.forget();
+                        }
+                    });
+                }
+                slots
+            }
+            None => Arc::new(Semaphore::new(cfg.concurrency)),
         };
         QueueState {
             name: Arc::from(cfg.name.as_str()),

@@ -575,6 +575,52 @@ async fn sighup_adds_and_removes_queues_while_running_workers_finish() {
     broker.cleanup().await;
 }
 
+/// A reload that lowers a queue's concurrency holds while the workers it
+/// already runs finish: new jobs start only below the new limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_lowering_concurrency_waits_for_running_workers() {
+    let mut broker = Broker::connect().await;
+    let q = unique("reload-conc");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    // max_workers above both, so that only the queue's own limit counts.
+    let extra = "max_workers = 10";
+    let mut sup = Supervisor::start(&work, &starting_queue(&q, 4, "2", extra), &[]);
+    for i in 0..4 {
+        broker.publish_id(&q, &format!("old{i}"), b"x").await;
+    }
+    wait_starts(&work, 4, Duration::from_secs(20)).await;
+    work.write("config.toml", &starting_queue(&q, 2, "0", extra));
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(10)).await;
+    for i in 0..2 {
+        broker.publish_id(&q, &format!("new{i}"), b"x").await;
+    }
+    work.wait_ledger(6, Duration::from_secs(20)).await;
+    let runs = work.ledger();
+    let mut old_ends: Vec<u128> = runs
+        .iter()
+        .filter(|r| r.id.starts_with("old"))
+        .map(|r| r.end)
+        .collect();
+    old_ends.sort();
+    // With 4 old workers running, concurrency 2 allows a new one only once
+    // three of them have ended.
+    for r in runs.iter().filter(|r| r.id.starts_with("new")) {
+        assert!(
+            r.start >= old_ends[2],
+            "{} started while 2 or more old workers still ran",
+            r.id
+        );
+    }
+    assert_eq!(max_overlap(&runs), 4);
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 6 published = 6 done.
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_run_as_the_configured_user_with_limits() {
     assert!(
