@@ -4,6 +4,7 @@
 //! confirmed republish to the retry or dead-letter queue. Anything else puts
 //! it back in its queue.
 
+use crate::config::OnConnectionLoss;
 use crate::headers;
 use crate::metrics::{self, QueueStats};
 use crate::policy::{self, Decision, Outcome};
@@ -105,7 +106,9 @@ pub async fn handle(
             },
             log: &log,
         };
-        runner::run(job, &queue.interrupt_token()).await
+        let connection_lost =
+            (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&conn_lost);
+        runner::run(job, &shared.interrupt, connection_lost).await
     };
     metrics::dec(&queue.stats.running);
     if !matches!(result.outcome, Outcome::SpawnFailed | Outcome::TooLarge) {

@@ -71,10 +71,15 @@ pub struct JobResult {
     pub elapsed: Duration,
 }
 
-/// Runs the job. `interrupt` stops the worker early (shutdown grace expired,
-/// connection lost): it is terminated like a timed-out worker and the result
-/// is [`Outcome::Interrupted`].
-pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
+/// Runs the job. `interrupt` (shutdown grace expired, second signal) stops
+/// the worker early, and so does `connection_lost` when given (the queue's
+/// `on_connection_loss = "kill"`): it is terminated like a timed-out worker
+/// and the result is [`Outcome::Interrupted`].
+pub async fn run(
+    job: Job<'_>,
+    interrupt: &CancellationToken,
+    connection_lost: Option<&CancellationToken>,
+) -> JobResult {
     let started = Instant::now();
     let spawn_failed = |text: String| JobResult {
         outcome: Outcome::SpawnFailed,
@@ -141,12 +146,22 @@ pub async fn run(job: Job<'_>, interrupt: &CancellationToken) -> JobResult {
         }
         let deadline = tokio::time::sleep(job.timeout);
         tokio::pin!(deadline);
+        let interrupted = async {
+            match connection_lost {
+                Some(lost) => tokio::select! {
+                    _ = interrupt.cancelled() => {}
+                    _ = lost.cancelled() => {}
+                },
+                None => interrupt.cancelled().await,
+            }
+        };
+        tokio::pin!(interrupted);
         let stop = loop {
             tokio::select! {
                 _ = &mut io, if !io_done => io_done = true,
                 status = child.wait() => break Stop::Exited(status),
                 _ = &mut deadline => break Stop::Timeout,
-                _ = interrupt.cancelled() => break Stop::Interrupted,
+                _ = &mut interrupted => break Stop::Interrupted,
             }
         };
 
@@ -574,12 +589,17 @@ mod tests {
     async fn echoes_body_and_reports_exit() {
         let log = ctx();
         let cmd = argv(&["/bin/cat"]);
-        let r = run(job(&cmd, b"a\0b\xff", &log), &CancellationToken::new()).await;
+        let r = run(
+            job(&cmd, b"a\0b\xff", &log),
+            &CancellationToken::new(),
+            None,
+        )
+        .await;
         assert_eq!(r.outcome, Outcome::Exit(0));
         assert_eq!(r.stdout, b"a\0b\xff");
 
         let cmd = argv(&["/bin/sh", "-c", "echo oops >&2; exit 3"]);
-        let r = run(job(&cmd, b"", &log), &CancellationToken::new()).await;
+        let r = run(job(&cmd, b"", &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Exit(3));
         assert_eq!(r.stderr_tail, b"oops\n");
     }
@@ -592,20 +612,25 @@ mod tests {
         let cmd = argv(&["/bin/cat"]);
         let mut j = job(&cmd, &body, &log);
         j.capture_stdout = 4 << 20;
-        let r = run(j, &CancellationToken::new()).await;
+        let r = run(j, &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Exit(0));
         assert!(r.stdout == body, "stdout differs from the body");
 
         // A worker that never reads a large stdin still ends the job at once.
         let cmd = argv(&["/bin/true"]);
-        let r = run(job(&cmd, &body, &log), &CancellationToken::new()).await;
+        let r = run(job(&cmd, &body, &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Exit(0));
         assert!(r.elapsed < Duration::from_secs(2));
 
         // Exactly PIPE_BUF, and empty.
         let cmd = argv(&["/bin/cat"]);
         for size in [4096, 4097, 0] {
-            let r = run(job(&cmd, &body[..size], &log), &CancellationToken::new()).await;
+            let r = run(
+                job(&cmd, &body[..size], &log),
+                &CancellationToken::new(),
+                None,
+            )
+            .await;
             assert_eq!(r.stdout, &body[..size]);
         }
     }
@@ -614,7 +639,7 @@ mod tests {
     async fn spawn_failure() {
         let log = ctx();
         let cmd = argv(&["/nonexistent/worker"]);
-        let r = run(job(&cmd, b"x", &log), &CancellationToken::new()).await;
+        let r = run(job(&cmd, b"x", &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::SpawnFailed);
         assert!(String::from_utf8_lossy(&r.stderr_tail).contains("/nonexistent/worker"));
     }
@@ -625,7 +650,7 @@ mod tests {
         let cmd = argv(&["/bin/sh", "-c", "sleep 1000 & echo $!; wait"]);
         let mut j = job(&cmd, b"", &log);
         j.timeout = Duration::from_millis(300);
-        let r = run(j, &CancellationToken::new()).await;
+        let r = run(j, &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Timeout);
         let grandchild: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
         assert!(!running(grandchild), "grandchild survived");
@@ -635,7 +660,7 @@ mod tests {
     async fn background_child_holding_stdout_does_not_hang() {
         let log = ctx();
         let cmd = argv(&["/bin/sh", "-c", "sleep 1000 & echo $!; exit 0"]);
-        let r = run(job(&cmd, b"", &log), &CancellationToken::new()).await;
+        let r = run(job(&cmd, b"", &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Exit(0));
         assert!(r.elapsed < Duration::from_secs(3));
         let grandchild: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();

@@ -5,7 +5,7 @@
 //! (signals, `--max-jobs`, `--exit-when-idle`); `interrupt` kills running
 //! workers (shutdown grace expired, or a second signal).
 
-use crate::config::{self, Config, OnConnectionLoss, QueueConfig};
+use crate::config::{self, Config, QueueConfig};
 use crate::metrics::{self, GlobalStats, QueueStats};
 use crate::{broker, consumer, systemd};
 use futures_lite::StreamExt;
@@ -60,8 +60,6 @@ pub struct QueueState {
     /// Ends this queue's consumer (shutdown, or the queue was removed or
     /// changed by a reload). Running jobs are not affected.
     pub stop: CancellationToken,
-    /// Cancelled to kill this queue's running workers; replaced after use.
-    interrupt: Mutex<CancellationToken>,
     /// `max_rate`: when the next job may start.
     next_start: tokio::sync::Mutex<tokio::time::Instant>,
 }
@@ -103,7 +101,6 @@ impl QueueState {
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
             spawn_failed: watch::Sender::new(String::new()),
             stop: shared.stop.child_token(),
-            interrupt: Mutex::new(shared.interrupt.child_token()),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             cfg,
         }
@@ -133,19 +130,6 @@ impl QueueState {
                 .min(rate.ceil().clamp(1.0, 65535.0) as u16),
             None => self.cfg.prefetch,
         }
-    }
-
-    /// The token a new job watches for "stop this worker now".
-    pub fn interrupt_token(&self) -> CancellationToken {
-        self.interrupt.lock().expect("not poisoned").clone()
-    }
-
-    /// Kills the running workers of this queue (connection lost with
-    /// `on_connection_loss = "kill"`); later jobs get a fresh token.
-    fn interrupt_running(&self, shared: &Shared) {
-        let mut token = self.interrupt.lock().expect("not poisoned");
-        token.cancel();
-        *token = shared.interrupt.child_token();
     }
 }
 
@@ -488,12 +472,9 @@ async fn session(
     }
     while consumers.join_next().await.is_some() {}
     if conn_lost.is_cancelled() {
+        // Jobs of queues with `on_connection_loss = "kill"` watch `conn_lost`
+        // themselves (job.rs), those of queues a reload replaced included.
         let running = shared.tracker.len();
-        for q in shared.queues() {
-            if q.cfg.on_connection_loss == OnConnectionLoss::Kill {
-                q.interrupt_running(shared);
-            }
-        }
         if running > 0 {
             tracing::warn!(
                 "{running} job(s) were running when the connection was lost; \

@@ -738,6 +738,11 @@ async fn on_connection_loss_kill_stops_running_workers() {
         .trim()
         .parse()
         .unwrap();
+    // A reload that changes the queue replaces its state while the worker
+    // runs; the worker must still be stopped.
+    work.write("config.toml", &format!("{config}kill_grace = \"2s\"\n"));
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(10)).await;
     proxy.cut();
     let t = Instant::now();
     while running(first) {
