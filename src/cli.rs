@@ -69,6 +69,23 @@ async fn open(broker: &config::BrokerConfig, what: &str) -> Result<(Connection, 
         .await
         .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
     let channel = channel_on(&conn).await?;
+    // While the broker blocks the connection nothing gets through, and the
+    // command waits: say why.
+    let mut events = conn.events_listener();
+    tokio::spawn(async move {
+        use futures_lite::StreamExt;
+        while let Some(event) = events.next().await {
+            match event {
+                lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
+                    "the broker blocks publishing ({reason}); waiting until it unblocks"
+                ),
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!("the broker unblocked publishing")
+                }
+                _ => {}
+            }
+        }
+    });
     Ok((conn, channel))
 }
 
