@@ -182,6 +182,9 @@ fn target(exchange: &str, routing_key: &str) -> String {
 
 /// Publishes the messages and waits for every confirm; with a reply
 /// timeout, sends them as tasks and gathers their replies.
+/// Most tasks `publish --reply` sends and waits for.
+const MAX_TASKS: u64 = 1_000_000;
+
 pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result<(), Failure> {
     let (exchange, routing_key) = match (&args.queue, &args.exchange) {
         (Some(q), None) => (String::new(), q.clone()),
@@ -195,7 +198,15 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
     };
     let input = read_input(&args)?;
     let bodies = split_bodies(&input, args.lines);
-    let total = bodies.len() as u64 * args.count;
+    let Some(total) = (bodies.len() as u64).checked_mul(args.count) else {
+        return Err(Failure::new(2, "--count: too many messages"));
+    };
+    if args.reply_timeout.is_some() && total > MAX_TASKS {
+        return Err(Failure::new(
+            2,
+            format!("--reply waits for at most {MAX_TASKS} tasks; this would send {total}"),
+        ));
+    }
     if total == 0 {
         return Err(Failure::new(
             65,
@@ -322,8 +333,8 @@ async fn request(
     let base = base
         .with_reply_to(DIRECT_REPLY_TO.into())
         .with_expiration(timeout.as_millis().to_string().into());
-    let mut tasks: Vec<Task> = Vec::with_capacity(total as usize);
-    let mut confirms = Vec::with_capacity(total as usize);
+    let mut tasks: Vec<Task> = Vec::with_capacity(total.min(1024) as usize);
+    let mut confirms = Vec::with_capacity(total.min(1024) as usize);
     for _ in 0..args.count {
         for body in bodies {
             let n = tasks.len() as u64 + 1;
