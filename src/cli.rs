@@ -51,15 +51,29 @@ pub fn broker_for_cli(
     config_path: &std::path::Path,
     config_named: bool,
 ) -> Result<config::BrokerConfig, Failure> {
-    let base = if config_named || config_path.exists() {
-        config::load(config_path, url)?.broker
-    } else {
+    let defaults = || {
         config::parse(
             "[[queue]]\nname = \"x\"\ncommand = [\"x\"]\n",
             std::path::Path::new("(defaults)"),
             url,
-        )?
-        .broker
+        )
+        .map(|c| c.broker)
+    };
+    let base = if config_named {
+        config::load(config_path, url)?.broker
+    } else if config_path.exists() {
+        match config::load(config_path, url) {
+            Ok(c) => c.broker,
+            // The service's config may be unreadable to this user; with a
+            // URL given it is not needed.
+            Err(e) if url.is_some() => {
+                tracing::warn!("not using {}: {e}", config_path.display());
+                defaults()?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        defaults()?
     };
     Ok(base)
 }
