@@ -386,7 +386,13 @@ async fn request(
             _ = tokio::time::sleep_until(deadline) => break,
         };
         let Some(Ok(d)) = next else {
-            return Err(Failure::new(1, "lost the broker while waiting for replies"));
+            // Report the replies already in, and the rest as lost.
+            for task in tasks.iter_mut() {
+                if task.reply.is_none() && task.error.is_none() {
+                    task.error = Some("lost the broker while waiting for the reply".into());
+                }
+            }
+            break;
         };
         let Some(n) = d
             .properties
