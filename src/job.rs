@@ -428,8 +428,6 @@ fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// The headers to republish with: the original ones minus the quorum
-/// queue's delivery count, which belongs to the old message.
 /// Room kept in a message's header frame for the properties besides the
 /// headers (at most ten short strings and a few numbers) and the frame's own
 /// bytes.
@@ -453,6 +451,8 @@ fn last_bytes(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
+/// The headers to republish with: the original ones minus the quorum
+/// queue's delivery count, which belongs to the old message.
 fn copy_headers(table: Option<&FieldTable>) -> FieldTable {
     let mut t = table.cloned().unwrap_or_default();
     if t.contains_key(DELIVERY_COUNT_HEADER) {
