@@ -194,11 +194,11 @@ fn target(exchange: &str, routing_key: &str) -> String {
     }
 }
 
-/// Publishes the messages and waits for every confirm; with a reply
-/// timeout, sends them as tasks and gathers their replies.
 /// Most tasks `publish --reply` sends and waits for.
 const MAX_TASKS: u64 = 1_000_000;
 
+/// Publishes the messages and waits for every confirm; with a reply
+/// timeout, sends them as tasks and gathers their replies.
 pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result<(), Failure> {
     let (exchange, routing_key) = match (&args.queue, &args.exchange) {
         (Some(q), None) => (String::new(), q.clone()),
