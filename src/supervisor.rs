@@ -419,24 +419,31 @@ async fn session(
 ) -> bool {
     let conn_lost = CancellationToken::new();
     let mut events = conn.events_listener();
-    let watcher = tokio::spawn(async move {
-        while let Some(event) = events.next().await {
-            match event {
-                // lapin reports here the channels the broker closed with an
-                // error, not a lost connection (the status poll below finds
-                // that). The channel's consumer logs the error with its queue
-                // and rebuilds the channel; the other queues carry on.
-                lapin::Event::Error(e) => tracing::debug!("the broker closed a channel: {e}"),
-                lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
-                    "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
-                ),
-                lapin::Event::ConnectionUnblocked => {
-                    tracing::info!("the broker unblocked publishing")
+    let watcher = {
+        let (conn, conn_lost) = (conn.clone(), conn_lost.clone());
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    // lapin reports here both a lost connection (its state is
+                    // already set) and a channel the broker closed with an error.
+                    // The latter is that queue's alone: its consumer logs the
+                    // error and rebuilds the channel; the other queues carry on.
+                    lapin::Event::Error(e) if !conn.status().connected() => {
+                        tracing::error!("connection lost: {e}");
+                        conn_lost.cancel();
+                    }
+                    lapin::Event::Error(e) => tracing::debug!("the broker closed a channel: {e}"),
+                    lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
+                        "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
+                    ),
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!("the broker unblocked publishing")
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-    });
+        })
+    };
     let mut consumers = tokio::task::JoinSet::new();
     for q in shared.queues() {
         consumers.spawn(consumer::run_queue(
@@ -463,7 +470,9 @@ async fn session(
             }
             _ = poll.tick() => {
                 if !conn.status().connected() {
-                    tracing::error!("connection lost");
+                    if !conn_lost.is_cancelled() {
+                        tracing::error!("connection lost");
+                    }
                     conn_lost.cancel();
                     break;
                 }
