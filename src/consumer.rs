@@ -64,7 +64,7 @@ pub async fn run_queue(
             );
             if !reported_ready {
                 reported_ready = true;
-                shared.queue_ready();
+                shared.queue_ready(false);
             }
             if !sleep_or_stop(pause, &queue, &conn_lost).await {
                 break;
@@ -113,7 +113,7 @@ pub async fn run_queue(
                 // The service is up; this queue says in the log what it waits for.
                 if !reported_ready {
                     reported_ready = true;
-                    shared.queue_ready();
+                    shared.queue_ready(false);
                 }
                 if !sleep_or_stop(channel_retry, &queue, &conn_lost).await {
                     break;
@@ -186,7 +186,7 @@ async fn consume(
     );
     if !*reported_ready {
         *reported_ready = true;
-        shared.queue_ready();
+        shared.queue_ready(true);
     }
 
     // Jobs settle on the channel their delivery came from.

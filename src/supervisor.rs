@@ -149,6 +149,8 @@ pub struct Shared {
     finished: AtomicU64,
     last_delivery: Mutex<Instant>,
     ready: AtomicUsize,
+    /// Of those, queues that were not consuming when they counted.
+    waiting: AtomicUsize,
     queue_count: usize,
     /// The queues now configured (reloads replace entries).
     pub queues: RwLock<Vec<Arc<QueueState>>>,
@@ -171,6 +173,7 @@ impl Shared {
             finished: AtomicU64::new(0),
             last_delivery: Mutex::new(Instant::now()),
             ready: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             queue_count: cfg.queues.len(),
             queues: RwLock::new(Vec::new()),
             config_path: cfg.file.clone(),
@@ -225,11 +228,15 @@ impl Shared {
         self.last_delivery.lock().expect("not poisoned").elapsed()
     }
 
-    /// A queue is consuming, or waiting to try again (its command is
-    /// missing, or its channel failed); the last one makes the service ready.
-    pub fn queue_ready(&self) {
+    /// A queue is consuming, or else (`consuming` false) waiting to try
+    /// again: its command is missing, or its channel failed. The last one
+    /// makes the service ready.
+    pub fn queue_ready(&self, consuming: bool) {
+        if !consuming {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        }
         if self.ready.fetch_add(1, Ordering::SeqCst) + 1 == self.queue_count {
-            systemd::notify_ready();
+            systemd::notify_ready(self.waiting.load(Ordering::SeqCst));
         }
     }
 }

@@ -21,8 +21,15 @@ fn notify(state: &[NotifyState]) {
     }
 }
 
-pub fn notify_ready() {
-    tracing::info!("all queues started");
+/// `waiting`: queues not consuming yet (their errors are logged).
+pub fn notify_ready(waiting: usize) {
+    if waiting == 0 {
+        tracing::info!("all queues started");
+    } else {
+        tracing::warn!(
+            "started; {waiting} queue(s) not consuming yet, retrying (see the errors above)"
+        );
+    }
     notify(&[NotifyState::Ready]);
 }
 

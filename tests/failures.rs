@@ -565,6 +565,10 @@ async fn a_channel_error_on_one_queue_leaves_the_others_running() {
         !log.contains("connection lost"),
         "a channel error is not a lost connection: {log}"
     );
+    assert!(
+        log.contains("1 queue(s) not consuming yet"),
+        "readiness says which queues wait: {log}"
+    );
     assert_eq!(work.ledger().len(), 1, "the job ran once: {log}");
     assert_eq!(broker.count(&good).await, Some(0), "and was acked");
     broker.cleanup().await;
