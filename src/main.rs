@@ -187,7 +187,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = runtime.block_on(dispatch(cli.command, config_path, named));
+    // On a runtime thread, whose stack is broker::THREAD_STACK: the main
+    // thread's is smaller, and dead letters may carry deeply nested headers.
+    let result = runtime.block_on(async move {
+        match tokio::spawn(dispatch(cli.command, config_path, named)).await {
+            Ok(result) => result,
+            Err(e) => Err(Failure::new(1, format!("internal error: {e}"))),
+        }
+    });
     if let Err(f) = result {
         eprintln!("amqp-exec: {}", f.message);
         std::process::exit(f.code);
