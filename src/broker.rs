@@ -25,6 +25,9 @@ pub const FRAME_MAX: u32 = 131_072;
 /// 16 MiB). It is address space; a thread's memory is only what it touches.
 pub const THREAD_STACK: usize = 64 << 20;
 
+/// Whether [`use_thread_stack`] set `RUST_MIN_STACK` (rather than the user).
+static OWN_STACK_SETTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Sets `RUST_MIN_STACK` to [`THREAD_STACK`] unless it is set already.
 /// Workers do not inherit it (see [`is_own_stack_setting`]).
 ///
@@ -35,12 +38,13 @@ pub unsafe fn use_thread_stack() {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         // SAFETY: the caller guarantees that no other thread runs yet.
         unsafe { std::env::set_var("RUST_MIN_STACK", THREAD_STACK.to_string()) };
+        OWN_STACK_SETTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-/// True for the `RUST_MIN_STACK` that [`use_thread_stack`] set.
-pub fn is_own_stack_setting(key: &str, value: &std::ffi::OsStr) -> bool {
-    key == "RUST_MIN_STACK" && value.to_str() == Some(THREAD_STACK.to_string().as_str())
+/// True for the variable `RUST_MIN_STACK` when [`use_thread_stack`] set it.
+pub fn is_own_stack_setting(key: &str) -> bool {
+    key == "RUST_MIN_STACK" && OWN_STACK_SETTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Parses a broker URL. The error text never contains the password.

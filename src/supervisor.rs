@@ -252,11 +252,11 @@ fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
         )]
     } else {
         std::env::vars_os()
-            .filter(|(k, v)| {
+            .filter(|(k, _)| {
                 let k = k.to_string_lossy();
                 !WITHHELD_ENV.contains(&k.as_ref())
                     && !k.starts_with("AMQP_EXEC_")
-                    && !crate::broker::is_own_stack_setting(&k, v)
+                    && !crate::broker::is_own_stack_setting(&k)
             })
             .collect()
     };
