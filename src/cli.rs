@@ -783,14 +783,26 @@ pub async fn dead_purge(
     yes: bool,
 ) -> Result<(), Failure> {
     let dead = dead_queue_name(queue);
-    let (conn, channel) = open(broker, "dead purge").await?;
-    let available = dead_count(&channel, &dead).await?;
     if !yes {
+        // A usage error whatever the broker says; the count only informs.
+        let available = match open(broker, "dead purge").await {
+            Ok((conn, channel)) => {
+                let n = dead_count(&channel, &dead).await.ok();
+                let _ = conn.close(200, "done".into()).await;
+                n
+            }
+            Err(_) => None,
+        };
+        let what = match available {
+            Some(n) => format!("{n} message(s)"),
+            None => "the dead letters".to_owned(),
+        };
         return Err(Failure::new(
             2,
-            format!("refusing to delete {available} message(s) from \"{dead}\" without --yes"),
+            format!("refusing to delete {what} from \"{dead}\" without --yes"),
         ));
     }
+    let (conn, channel) = open(broker, "dead purge").await?;
     let purged = channel
         .queue_purge(dead.as_str().into(), QueuePurgeOptions::default())
         .await

@@ -655,7 +655,14 @@ exit 65
     assert!(second.iter().all(|r| r.attempt == 1));
 
     let (status, _, stderr) = cli(&["dead", "purge", "--queue", &q], None);
-    assert!(!status.success() && stderr.contains("--yes"), "{stderr}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("1 message(s)") && stderr.contains("--yes"), "{stderr}");
+    // A usage error even when the broker cannot be reached.
+    let (status, _, stderr) = cli(
+        &["dead", "purge", "--queue", &q, "--url", "amqp://127.0.0.1:1/%2f"],
+        None,
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
     let (status, stdout, _) = cli(&["dead", "purge", "--queue", &q, "--yes"], None);
     assert!(status.success() && stdout.contains("purged 1"), "{stdout}");
     // Ledger: 3 published = 2 done after replay + 1 purged from dead.
