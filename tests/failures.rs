@@ -656,10 +656,20 @@ exit 65
 
     let (status, _, stderr) = cli(&["dead", "purge", "--queue", &q], None);
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("1 message(s)") && stderr.contains("--yes"), "{stderr}");
+    assert!(
+        stderr.contains("1 message(s)") && stderr.contains("--yes"),
+        "{stderr}"
+    );
     // A usage error even when the broker cannot be reached.
     let (status, _, stderr) = cli(
-        &["dead", "purge", "--queue", &q, "--url", "amqp://127.0.0.1:1/%2f"],
+        &[
+            "dead",
+            "purge",
+            "--queue",
+            &q,
+            "--url",
+            "amqp://127.0.0.1:1/%2f",
+        ],
         None,
     );
     assert_eq!(status.code(), Some(2), "{stderr}");
