@@ -195,7 +195,8 @@ async fn max_rate_spaces_the_jobs() {
             let mut max = 0u32;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 max = max.max(unacked(&q));
-                std::thread::sleep(Duration::from_millis(200));
+                // Each rabbitmqctl starts an Erlang VM: sample sparingly.
+                std::thread::sleep(Duration::from_millis(500));
             }
             max
         })
@@ -220,9 +221,10 @@ async fn max_rate_spaces_the_jobs() {
         "100 jobs at max_rate 20/s: starts spread over {span:.2}s (total {:.2}s)",
         t.elapsed().as_secs_f64()
     );
-    // 100 starts at 20/s: 99 intervals of 50 ms.
+    // 100 starts at 20/s: 99 intervals of 50 ms. Never faster; slower only
+    // by the stalls of a busy machine (the next turn counts from a late one).
     assert!(
-        (4.45..=5.5).contains(&span),
+        (4.45..=7.0).contains(&span),
         "starts spread over {span:.2}s, expected ~5s"
     );
     broker.cleanup().await;
