@@ -162,11 +162,11 @@ async fn two_thousand_emails_sent_exactly_once_with_bounded_connections() {
                 // The server drops a connection a moment after its client quit
                 // (longer on a loaded machine): look again a few times before
                 // counting a ninth.
-                for _ in 0..5 {
+                for _ in 0..20 {
                     if c <= 8 {
                         break;
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(25));
                     c = c.min(count());
                 }
                 max_conns.fetch_max(c, Ordering::SeqCst);
@@ -201,11 +201,14 @@ async fn two_thousand_emails_sent_exactly_once_with_bounded_connections() {
         (1..=8).contains(&peak),
         "peak connections {peak} exceeds concurrency 8"
     );
-    assert_eq!(
-        db.user_connections(&mut root()),
-        0,
-        "no connection left after the run"
-    );
+    // The server lets go of a connection a moment after its client exits.
+    let mut left = db.user_connections(&mut root());
+    let since = Instant::now();
+    while left > 0 && since.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        left = db.user_connections(&mut root());
+    }
+    assert_eq!(left, 0, "no connection left after the run");
     assert_eq!(
         supervisor_db_sockets.load(Ordering::SeqCst),
         0,
