@@ -96,6 +96,10 @@ async fn a_failing_task_gets_one_failure_reply_after_its_last_attempt() {
     broker
         .wait_count(&format!("{q}.dead"), 1, Duration::from_secs(20))
         .await;
+    // The reply follows the dead letter's confirm; a second one would follow it.
+    broker
+        .wait_count(&replies, 1, Duration::from_secs(20))
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = broker.drain(&replies).await;
     assert_eq!(got.len(), 1, "no reply on retry, one on the final failure");

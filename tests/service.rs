@@ -108,8 +108,9 @@ async fn sigterm_returns_a_delivery_waiting_for_a_max_workers_slot() {
     wait_starts(&work, 1, Duration::from_secs(20)).await;
     broker.publish_id(&waiting, "held", b"x").await;
     // The delivery reaches the supervisor, which waits for the one slot.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(broker.count(&waiting).await, Some(0), "delivered and held");
+    broker
+        .wait_count(&waiting, 0, Duration::from_secs(10))
+        .await;
     sup.signal(Signal::SIGTERM);
     let status = sup.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit status {status}");
