@@ -158,40 +158,10 @@ mod tests {
 
     #[test]
     fn encoded_size_is_the_wire_size() {
-        let mut inner = FieldTable::default();
-        inner.insert("n".into(), AMQPValue::LongInt(-5));
-        inner.insert("v".into(), AMQPValue::Void);
-        let mut t = FieldTable::default();
-        t.insert("bool".into(), AMQPValue::Boolean(true));
-        t.insert("i8".into(), AMQPValue::ShortShortInt(-8));
-        t.insert("u8".into(), AMQPValue::ShortShortUInt(8));
-        t.insert("i16".into(), AMQPValue::ShortInt(-16));
-        t.insert("u16".into(), AMQPValue::ShortUInt(16));
-        t.insert("i32".into(), AMQPValue::LongInt(-32));
-        t.insert("u32".into(), AMQPValue::LongUInt(32));
-        t.insert("i64".into(), AMQPValue::LongLongInt(-64));
-        t.insert("f32".into(), AMQPValue::Float(1.5));
-        t.insert("f64".into(), AMQPValue::Double(2.25));
-        t.insert("ts".into(), AMQPValue::Timestamp(7));
+        let mut t = every_type();
+        let inner = t.clone();
         t.insert(
-            "dec".into(),
-            AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 1 }),
-        );
-        t.insert(
-            "ss".into(),
-            AMQPValue::ShortString(ShortString::from("short")),
-        );
-        t.insert(
-            "ls".into(),
-            AMQPValue::LongString(LongString::from("long \u{e9}")),
-        );
-        t.insert(
-            "ba".into(),
-            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])),
-        );
-        t.insert("table".into(), AMQPValue::FieldTable(inner.clone()));
-        t.insert(
-            "array".into(),
+            "nested".into(),
             AMQPValue::FieldArray(FieldArray::from(vec![
                 AMQPValue::FieldTable(inner),
                 AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(false)])),
@@ -201,8 +171,8 @@ mod tests {
         assert_eq!(encoded_size(&FieldTable::default()), 4);
     }
 
-    #[test]
-    fn every_type_converts() {
+    /// A table with a value of every AMQP type.
+    fn every_type() -> FieldTable {
         let mut inner = FieldTable::default();
         inner.insert("n".into(), AMQPValue::LongInt(-5));
         let mut t = FieldTable::default();
@@ -247,6 +217,12 @@ mod tests {
             AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])),
         );
         t.insert("void".into(), AMQPValue::Void);
+        t
+    }
+
+    #[test]
+    fn every_type_converts() {
+        let t = every_type();
 
         let v = to_json(&t);
         let text = serde_json::to_string(&v).unwrap();

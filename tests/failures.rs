@@ -459,12 +459,9 @@ async fn oversized_body_is_dead_lettered_without_a_worker() {
     broker.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_topology_is_named_and_declare_false_uses_queues_as_they_are() {
-    let mut broker = Broker::connect().await;
-    let q = unique("conflict");
-    broker.owns(&q);
-    // The retry queue exists with another TTL.
+/// Declares `<queue>.retry.1s` with another TTL than `backoff = ["1s"]`
+/// asks for, so that declaring the queue's topology fails.
+async fn conflicting_retry_queue(broker: &Broker, queue: &str) {
     let mut args = lapin::types::FieldTable::default();
     args.insert(
         "x-message-ttl".into(),
@@ -473,7 +470,7 @@ async fn conflicting_topology_is_named_and_declare_false_uses_queues_as_they_are
     broker
         .channel
         .queue_declare(
-            format!("{q}.retry.1s").as_str().into(),
+            format!("{queue}.retry.1s").as_str().into(),
             lapin::options::QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -482,6 +479,14 @@ async fn conflicting_topology_is_named_and_declare_false_uses_queues_as_they_are
         )
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_topology_is_named_and_declare_false_uses_queues_as_they_are() {
+    let mut broker = Broker::connect().await;
+    let q = unique("conflict");
+    broker.owns(&q);
+    conflicting_retry_queue(&broker, &q).await;
     let work = Workdir::new();
     let config =
         format!("[[queue]]\nname = \"{q}\"\ncommand = [\"/bin/true\"]\nbackoff = [\"1s\"]\n");
@@ -529,23 +534,7 @@ async fn a_channel_error_on_one_queue_leaves_the_others_running() {
     let good = unique("chan-err-good");
     broker.owns(&bad);
     broker.declare(&good).await;
-    let mut args = lapin::types::FieldTable::default();
-    args.insert(
-        "x-message-ttl".into(),
-        lapin::types::AMQPValue::LongLongInt(5000),
-    );
-    broker
-        .channel
-        .queue_declare(
-            format!("{bad}.retry.1s").as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    conflicting_retry_queue(&broker, &bad).await;
     broker.publish_id(&good, "slow", b"x").await;
     let work = Workdir::new();
     // The good queue's job outlasts several failed attempts of the bad one.
