@@ -72,11 +72,12 @@ pub fn redact(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
+    // The last `@` of the whole rest: a password typed without
+    // percent-encoding may hold `/`, `?`, `#` or `@` (masking a vhost with
+    // an `@` too is the safe side).
+    match rest.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
             let masked = if userinfo.contains(':') {
                 format!("{user}:***")
@@ -218,6 +219,18 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
     let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
     for delay in delays {
         let mut args = typed(queue);
+        if queue.queue_type == QueueType::Quorum {
+            // Hand messages back only once the work queue has taken them
+            // (at-most-once, the default, drops them if it has no quorum).
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString(LongString::from("at-least-once")),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            );
+        }
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay.as_millis() as i64),
@@ -313,6 +326,12 @@ mod tests {
         assert_eq!(redact("amqp://host/%2f"), "amqp://host/%2f");
         assert_eq!(redact("amqps://u@h"), "amqps://u@h");
         assert_eq!(redact("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        for password in ["se/cr3t", "se?cr3t", "se#cr3t", "s/e@c?r#t"] {
+            let url = format!("amqp://guest:{password}@127.0.0.1:5672/%2f");
+            assert_eq!(redact(&url), "amqp://guest:***@127.0.0.1:5672/%2f");
+            let err = parse_uri(&url).err().unwrap_or_default();
+            assert!(!err.contains("cr3t") && !err.contains("c?r"), "{err}");
+        }
         assert!(
             !parse_uri("amqp://u:topsecret@h:notaport/")
                 .unwrap_err()

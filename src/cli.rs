@@ -7,7 +7,7 @@ use crate::job::{
     ATTEMPT_HEADER, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER, EXIT_HEADER, FAILED_AT_HEADER,
     QUEUE_HEADER, STDERR_HEADER,
 };
-use crate::{broker, consumer, headers, publish};
+use crate::{broker, consumer, headers, job, publish};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueuePurgeOptions,
@@ -740,10 +740,12 @@ pub async fn dead_replay(
             .map(|t| {
                 t.inner()
                     .iter()
-                    // Our own headers, and the count of a quorum dead queue's
-                    // returns (`dead list` adds to it): the attempts start over.
+                    // Our own headers but the original `user_id`, and the
+                    // count of a quorum dead queue's returns (`dead list`
+                    // adds to it): the attempts start over.
                     .filter(|(k, _)| {
-                        !k.as_str().starts_with("x-amqp-exec-")
+                        (!k.as_str().starts_with("x-amqp-exec-")
+                            || k.as_str() == job::USER_ID_HEADER)
                             && k.as_str() != ATTEMPT_HEADER
                             && k.as_str() != DELIVERY_COUNT_HEADER
                     })
@@ -751,7 +753,7 @@ pub async fn dead_replay(
                     .collect()
             })
             .unwrap_or_default();
-        let props = d.properties.clone().with_headers(FieldTable::from(kept));
+        let props = job::republished(&d.properties, FieldTable::from(kept));
         if let Err(e) = publish::publish_confirmed(&publisher, "", queue, &d.data, props).await {
             let _ = d
                 .acker

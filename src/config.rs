@@ -503,9 +503,13 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
             let mut out = Vec::with_capacity(list.len());
             for s in list {
                 let d = parse_duration(&s).map_err(|m| format!("key `backoff`: {m}"))?;
-                if d.is_zero() || d.as_millis() > u128::from(u32::MAX) {
+                // Whole milliseconds: the retry queue's name and TTL are in ms.
+                if d.is_zero()
+                    || !d.subsec_nanos().is_multiple_of(1_000_000)
+                    || d.as_millis() > u128::from(u32::MAX)
+                {
                     return Err(format!(
-                        "key `backoff`: {s:?} must be between 1ms and 49 days"
+                        "key `backoff`: {s:?} must be whole milliseconds, between 1ms and 49 days"
                     ));
                 }
                 out.push(d);
@@ -544,6 +548,20 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
                  and dead-letter queues match"
             ));
         }
+    }
+    // A classic queue drops what its retry queues dead-letter back to it
+    // while it is full with reject-publish (dead-lettering into it is
+    // at-most-once); a quorum queue takes those messages in.
+    if raw.queue_type.unwrap_or(QueueType::Classic) == QueueType::Classic
+        && max_attempts > 1
+        && matches!(arguments.get("x-overflow"), Some(ArgValue::Str(v)) if v.starts_with("reject-publish"))
+    {
+        return Err(
+            "key `arguments`: x-overflow = \"reject-publish\" on a classic queue loses retried \
+             messages (the broker drops a message coming back from a retry queue while the queue \
+             is full); set queue_type = \"quorum\", or max_attempts = 1"
+                .into(),
+        );
     }
     let mut bindings = Vec::new();
     for b in raw.bind.unwrap_or_default() {
@@ -935,6 +953,8 @@ mod tests {
                 "`connect_timeout`",
             ),
             (format!("{q}env = {{ A = \"x\\u0000y\" }}\n"), "`env`"),
+            (format!("{q}backoff = [\"0.4ms\"]\n"), "`backoff`"),
+            (format!("{q}backoff = [\"1s\", \"1.5ms\"]\n"), "`backoff`"),
             (
                 format!("{q}max_reply_bytes = \"17M\"\n"),
                 "`max_reply_bytes`",
@@ -1053,6 +1073,18 @@ mod tests {
         assert!(e.contains("bind.type"), "{e}");
         let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nqueue_type = \"stream\"\n");
         assert!(e.contains("stream"), "{e}");
+        // Retried messages would be dropped by a full classic queue.
+        let overflow = "[queue.arguments]\nx-overflow = \"reject-publish\"\n";
+        let e = error_of(&format!(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n{overflow}"
+        ));
+        assert!(e.contains("`arguments`") && e.contains("quorum"), "{e}");
+        assert!(
+            p(&format!(
+                "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nmax_attempts = 1\n{overflow}"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -45,7 +45,8 @@ fn value_to_json(value: &AMQPValue, depth: usize) -> Value {
         AMQPValue::Float(f) => Value::from(f64::from(*f)),
         AMQPValue::Double(f) => Value::from(*f),
         AMQPValue::DecimalValue(d) => {
-            let v = f64::from(d.value) / 10f64.powi(i32::from(d.scale));
+            // The value is a signed 32-bit integer on the wire.
+            let v = f64::from(d.value as i32) / 10f64.powi(i32::from(d.scale));
             Value::from(v)
         }
         AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
@@ -195,6 +196,13 @@ mod tests {
             }),
         );
         t.insert(
+            "negdec".into(),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: (-125i32) as u32,
+            }),
+        );
+        t.insert(
             "ss".into(),
             AMQPValue::ShortString(ShortString::from("short")),
         );
@@ -234,6 +242,7 @@ mod tests {
         assert_eq!(back["f32"], 1.5);
         assert_eq!(back["nan"], Value::Null);
         assert_eq!(back["dec"], 12.34);
+        assert_eq!(back["negdec"], -1.25);
         assert_eq!(back["ss"], "short");
         assert_eq!(back["bad"], "\u{fffd}a\u{0}");
         assert_eq!(back["arr"][0], 1);

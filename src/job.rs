@@ -28,6 +28,8 @@ pub const ATTEMPTS_HEADER: &str = "x-amqp-exec-attempts";
 pub const STDERR_HEADER: &str = "x-amqp-exec-stderr";
 pub const FAILED_AT_HEADER: &str = "x-amqp-exec-failed-at";
 pub const QUEUE_HEADER: &str = "x-amqp-exec-queue";
+/// The original `user_id` property of a republished message.
+pub const USER_ID_HEADER: &str = "x-amqp-exec-user-id";
 
 /// `AMQP_EXEC_HEADERS` larger than this is not passed (the kernel limits one
 /// environment string to 128 KiB); `AMQP_EXEC_HEADERS_OMITTED` says so.
@@ -69,25 +71,34 @@ pub async fn handle(
     };
 
     metrics::inc(&queue.stats.running);
-    let result = if delivery.data.len() > cfg.max_body_bytes {
+    let result = if policy::exhausted(attempt, &cfg.policy) {
+        tracing::warn!(
+            queue = %log.queue, message_id = %log.message_id, attempt,
+            "the message came back after its last attempt ({}) without a run finishing; dead-lettering without running a worker",
+            cfg.policy.max_attempts
+        );
+        not_run(
+            Outcome::Exhausted,
+            format!(
+                "delivered for attempt {attempt} of max_attempts = {}: earlier runs were cut short \
+                 (the supervisor stopped or lost its connection while they ran)",
+                cfg.policy.max_attempts
+            ),
+        )
+    } else if delivery.data.len() > cfg.max_body_bytes {
         tracing::warn!(
             queue = %log.queue, message_id = %log.message_id,
             "body of {} bytes exceeds max_body_bytes ({}); dead-lettering without running a worker",
             delivery.data.len(), cfg.max_body_bytes
         );
-        runner::JobResult {
-            outcome: Outcome::TooLarge,
-            pid: None,
-            stderr_tail: format!(
+        not_run(
+            Outcome::TooLarge,
+            format!(
                 "body of {} bytes exceeds max_body_bytes = {}",
                 delivery.data.len(),
                 cfg.max_body_bytes
-            )
-            .into_bytes(),
-            stdout: Vec::new(),
-            stdout_truncated: false,
-            elapsed: Duration::ZERO,
-        }
+            ),
+        )
     } else {
         let env = message_env(&delivery, &queue, attempt);
         let job = Job {
@@ -111,7 +122,7 @@ pub async fn handle(
         runner::run(job, &shared.interrupt, connection_lost).await
     };
     metrics::dec(&queue.stats.running);
-    if !matches!(result.outcome, Outcome::SpawnFailed | Outcome::TooLarge) {
+    if result.pid.is_some() {
         queue.stats.observe_duration(result.elapsed);
         queue.stats.count_exit(result.outcome.label());
     }
@@ -134,6 +145,18 @@ pub async fn handle(
     if result.outcome == Outcome::SpawnFailed {
         let why = String::from_utf8_lossy(&result.stderr_tail).into_owned();
         queue.spawn_failed.send_modify(|last| *last = why);
+    }
+}
+
+/// The result of a job whose worker was not started, for `reason`.
+fn not_run(outcome: Outcome, reason: String) -> runner::JobResult {
+    runner::JobResult {
+        outcome,
+        pid: None,
+        stderr_tail: reason.into_bytes(),
+        stdout: Vec::new(),
+        stdout_truncated: false,
+        elapsed: Duration::ZERO,
     }
 }
 
@@ -249,7 +272,8 @@ async fn settle(
 }
 
 /// Republishes to `target` with confirms, sends the failure reply if
-/// `failure` is given and the message has `reply_to`, then acks.
+/// `failure` is given and the message has `reply_to`, then acks (also when
+/// the failure reply could not be sent).
 async fn republish_then_ack(
     delivery: &Delivery,
     channel: &ConfirmChannel,
@@ -261,11 +285,10 @@ async fn republish_then_ack(
 ) -> bool {
     match publish::publish_confirmed(channel, "", target, &delivery.data, props).await {
         Ok(()) => {
-            if let Some((result, attempt)) = failure
-                && !send_reply(delivery, channel, result, attempt, log, true).await
-            {
-                requeue(delivery, log).await;
-                return false;
+            // The dead letter is safe: a failure reply that cannot be sent
+            // does not run the job again (the caller's wait times out).
+            if let Some((result, attempt)) = failure {
+                send_reply(delivery, channel, result, attempt, log, true).await;
             }
             let ok = ack(delivery, log).await;
             if ok {
@@ -298,7 +321,8 @@ fn reply_to(delivery: &Delivery) -> Option<&str> {
 /// Publishes the job's result to the message's `reply_to`, with its
 /// `correlation_id`: stdout on success; on a final failure, the stderr tail
 /// (also in the `x-amqp-exec-stderr` header). Returns false only if the
-/// channel failed, in which case the request must not be acked. A reply
+/// channel failed or the broker did not confirm: a request whose reply is
+/// its result is then not acked, so that it runs again. A reply
 /// that cannot be delivered (the caller is gone, the queue does not exist)
 /// is logged and the request is acked all the same.
 async fn send_reply(
@@ -384,7 +408,12 @@ async fn requeue(delivery: &Delivery, log: &LogContext) {
 /// The properties of a retry or dead letter: the original ones with new
 /// headers, and without a per-message TTL (`expiration`), which would let
 /// the broker drop the message from the retry or dead-letter queue.
-fn republished(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+/// `user_id` moves to the `x-amqp-exec-user-id` header: the broker closes
+/// the channel of a publish whose `user_id` is not the connection's user.
+pub fn republished(original: &BasicProperties, mut headers: FieldTable) -> BasicProperties {
+    if let Some(v) = original.user_id() {
+        headers.insert(USER_ID_HEADER.into(), long_string(v.as_str()));
+    }
     let mut props = BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(original.delivery_mode().unwrap_or(2));
@@ -411,9 +440,6 @@ fn republished(original: &BasicProperties, headers: FieldTable) -> BasicProperti
     }
     if let Some(v) = original.kind() {
         props = props.with_type(v.clone());
-    }
-    if let Some(v) = original.user_id() {
-        props = props.with_user_id(v.clone());
     }
     if let Some(v) = original.app_id() {
         props = props.with_app_id(v.clone());
@@ -533,6 +559,22 @@ fn clean(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn republishing_moves_user_id_to_a_header() {
+        let original = BasicProperties::default()
+            .with_user_id("app".into())
+            .with_message_id("m1".into())
+            .with_expiration("5000".into());
+        let props = republished(&original, FieldTable::default());
+        assert_eq!(props.user_id(), &None);
+        assert_eq!(props.expiration(), &None);
+        assert_eq!(props.message_id(), original.message_id());
+        let h = props.headers().as_ref().unwrap();
+        assert_eq!(h.inner().get(USER_ID_HEADER), Some(&long_string("app")));
+        let plain = republished(&BasicProperties::default(), FieldTable::default());
+        assert!(plain.headers().as_ref().unwrap().inner().is_empty());
+    }
 
     #[test]
     fn last_bytes_cuts_at_a_character_boundary() {

@@ -23,6 +23,10 @@ pub enum Outcome {
     SpawnFailed,
     /// The body exceeds `max_body_bytes`; no worker was started.
     TooLarge,
+    /// The delivery arrived with its attempts already used up: runs cut
+    /// short (a killed supervisor, a lost connection) count on quorum queues
+    /// through `x-delivery-count`. No worker was started.
+    Exhausted,
     /// The supervisor stopped the worker (shutdown grace expired, or the
     /// connection was lost): not the message's fault.
     Interrupted,
@@ -31,7 +35,7 @@ pub enum Outcome {
 impl Outcome {
     /// The label used in the `x-amqp-exec-exit` header and in logs: the exit
     /// code, the signal name, or "timeout", "spawn", "too-large",
-    /// "interrupted".
+    /// "exhausted", "interrupted".
     pub fn label(&self) -> String {
         match self {
             Outcome::Exit(c) => c.to_string(),
@@ -39,6 +43,7 @@ impl Outcome {
             Outcome::Timeout => "timeout".into(),
             Outcome::SpawnFailed => "spawn".into(),
             Outcome::TooLarge => "too-large".into(),
+            Outcome::Exhausted => "exhausted".into(),
             Outcome::Interrupted => "interrupted".into(),
         }
     }
@@ -94,7 +99,7 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
             _ => Action::Retry,
         }),
         Outcome::Signal(_) | Outcome::Timeout => Action::Retry,
-        Outcome::TooLarge => Action::DeadLetter,
+        Outcome::TooLarge | Outcome::Exhausted => Action::DeadLetter,
         Outcome::SpawnFailed | Outcome::Interrupted => Action::Requeue,
     };
     match action {
@@ -108,6 +113,14 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
             next_attempt: attempt.saturating_add(1),
         },
     }
+}
+
+/// Whether a delivery is past its last attempt before it runs: then it is
+/// dead-lettered without running ([`Outcome::Exhausted`]). Only redeliveries
+/// counted by a quorum queue (or a lowered `max_attempts`) get there, as a
+/// failed last attempt is dead-lettered, not retried.
+pub fn exhausted(attempt: u32, policy: &Policy) -> bool {
+    attempt > policy.max_attempts
 }
 
 /// The delay after the `attempt`-th run failed: `backoff[attempt - 1]`,
@@ -176,6 +189,7 @@ mod tests {
         ));
         assert_eq!(decide(Outcome::Timeout, 3, &p), Decision::DeadLetter);
         assert_eq!(decide(Outcome::TooLarge, 1, &p), Decision::DeadLetter);
+        assert_eq!(decide(Outcome::Exhausted, 4, &p), Decision::DeadLetter);
         assert_eq!(decide(Outcome::SpawnFailed, 1, &p), Decision::Requeue);
         assert_eq!(decide(Outcome::SpawnFailed, 99, &p), Decision::Requeue);
         assert_eq!(decide(Outcome::Interrupted, 3, &p), Decision::Requeue);
@@ -212,6 +226,16 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_past_its_last_attempt_is_exhausted() {
+        let p = policy();
+        assert!(!exhausted(1, &p));
+        assert!(!exhausted(3, &p));
+        assert!(exhausted(4, &p));
+        // A quorum queue's redeliveries of a run that kept being cut short.
+        assert!(exhausted(attempt_number(Some(2), Some(2)), &p));
+    }
+
+    #[test]
     fn attempts() {
         assert_eq!(attempt_number(None, None), 1);
         assert_eq!(attempt_number(Some(3), None), 3);
@@ -228,5 +252,6 @@ mod tests {
         assert_eq!(Outcome::Timeout.label(), "timeout");
         assert_eq!(Outcome::SpawnFailed.label(), "spawn");
         assert_eq!(Outcome::TooLarge.label(), "too-large");
+        assert_eq!(Outcome::Exhausted.label(), "exhausted");
     }
 }

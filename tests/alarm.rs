@@ -13,19 +13,6 @@ use nix::sys::signal::Signal;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs rabbitmqctl for the broker under test: {e}"));
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn alarms() -> String {
     rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."])
 }

@@ -88,6 +88,142 @@ async fn every_default_exit_path() {
     broker.cleanup().await;
 }
 
+/// A message published by another broker user carries that user in
+/// `user_id`, and the broker refuses a publish whose `user_id` is not the
+/// connection's user: the retry and the dead letter keep it in a header
+/// instead, and the other jobs on the channel are acked as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_another_broker_user_is_retried_and_dead_lettered() {
+    let mut broker = Broker::connect().await;
+    let q = unique("user-id");
+    broker.declare(&q).await;
+    let user = BrokerUser::add("app-user");
+    let app = lapin::Connection::connect(&user.url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect as the test's broker user");
+    let ch = app.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id("from-app".into())
+        .with_user_id(user.name.as_str().into());
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            q.as_str().into(),
+            Default::default(),
+            b"3",
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "{confirm:?}");
+    let _ = app.close(200, "ok".into()).await;
+    for id in ["ok-1", "ok-2"] {
+        broker.publish_id(&q, id, b"0").await;
+    }
+
+    let work = Workdir::new();
+    let worker = work.script("worker.sh", EXIT_BY_BODY);
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = 3\nmax_attempts = 2\nbackoff = [\"200ms\"]\n",
+        worker.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    let dead_q = format!("{q}.dead");
+    broker.wait_count(&dead_q, 1, Duration::from_secs(30)).await;
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+
+    let by_id = runs_by_id(&work.ledger());
+    let attempts = |id: &str| -> Vec<u32> { by_id[id].iter().map(|r| r.attempt).collect() };
+    assert_eq!(attempts("from-app"), [1, 2], "{}", sup.log_text());
+    assert_eq!(
+        attempts("ok-1"),
+        [1],
+        "ran once: acked on a healthy channel"
+    );
+    assert_eq!(attempts("ok-2"), [1]);
+    let dead = broker.drain(&dead_q).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].properties.user_id(), &None);
+    assert_eq!(
+        header(&dead[0], "x-amqp-exec-user-id"),
+        Some(user.name.clone())
+    );
+    assert_eq!(
+        header(&dead[0], "x-amqp-exec-attempts").as_deref(),
+        Some("2")
+    );
+    assert!(
+        !sup.log_text().contains("channel error"),
+        "{}",
+        sup.log_text()
+    );
+    // Ledger: 3 published = 2 done + 0 waiting + 1 dead.
+    assert_eq!(broker.count(&q).await, Some(0));
+    assert_eq!(broker.count(&format!("{q}.retry.200ms")).await, Some(0));
+    broker.cleanup().await;
+}
+
+/// A delivery whose attempts are already used up (on a quorum queue, runs
+/// cut short count through `x-delivery-count`) is dead-lettered without
+/// running, so a message that keeps killing its run cannot loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
+    let mut broker = Broker::connect().await;
+    let q = unique("exhausted");
+    broker.declare(&q).await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-amqp-exec-attempt".into(),
+        lapin::types::AMQPValue::LongInt(2),
+    );
+    // As a quorum queue counts one return of a run cut short.
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(1),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id("cut-short".into())
+        .with_headers(headers);
+    broker.publish(&q, b"0", props).await;
+    broker.publish_id(&q, "fresh", b"0").await;
+
+    let work = Workdir::new();
+    let worker = work.script("worker.sh", EXIT_BY_BODY);
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nmax_attempts = 2\n",
+        worker.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    let dead_q = format!("{q}.dead");
+    broker.wait_count(&dead_q, 1, Duration::from_secs(30)).await;
+    work.wait_ledger(1, Duration::from_secs(10)).await;
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+
+    let runs = work.ledger();
+    assert_eq!(runs.len(), 1, "only the fresh message ran");
+    assert_eq!(runs[0].id, "fresh");
+    let dead = broker.drain(&dead_q).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(message_id(&dead[0]), "cut-short");
+    assert_eq!(
+        header(&dead[0], "x-amqp-exec-exit").as_deref(),
+        Some("exhausted")
+    );
+    assert_eq!(
+        header(&dead[0], "x-amqp-exec-attempts").as_deref(),
+        Some("3")
+    );
+    // Ledger: 2 published = 1 done + 0 waiting + 1 dead.
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_code_mappings() {
     let mut broker = Broker::connect().await;

@@ -27,6 +27,56 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Runs `rabbitmqctl` against the broker under test; its output.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs rabbitmqctl for the broker under test: {e}"));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A broker user of the test's own, with all rights on the default vhost;
+/// deleted when dropped.
+pub struct BrokerUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl BrokerUser {
+    pub fn add(tag: &str) -> BrokerUser {
+        let name = unique(tag);
+        let password = format!("pw-{name}");
+        rabbitmqctl(&["add_user", &name, &password]);
+        let user = BrokerUser { name, password };
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    /// `amqp_url()` with this user's credentials.
+    pub fn url(&self) -> String {
+        let url = amqp_url();
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        format!("{scheme}://{}:{}@{host}", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
 /// Path of a file under the repository root.
 pub fn repo(path: &str) -> String {
     format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
