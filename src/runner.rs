@@ -31,7 +31,7 @@ pub const STDERR_TAIL_BYTES: usize = 4096;
 pub const MAX_LOG_LINE: usize = 8192;
 /// How long pipes may stay open after the worker's process group was killed
 /// (only a process that left the group can hold them) before reading stops.
-const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(1);
+pub const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
 /// Fields attached to every log line of a job.
 #[derive(Debug, Clone)]
@@ -122,6 +122,10 @@ pub async fn run(
     };
     let pid = child.id();
     let pgid = pid.map(|p| p as i32).unwrap_or(0);
+    // Declared after `child`, so dropped before it: if this future is
+    // dropped with the worker running (the runtime shutting down), its
+    // whole group is killed, not only the leader (`kill_on_drop`).
+    let group = KillGroupOnDrop(pgid);
 
     let mut out = Sink::capture(job.capture_stdout);
     let mut err = Sink::tail(STDERR_TAIL_BYTES);
@@ -204,7 +208,7 @@ pub async fn run(
             }
         };
         // Kill whatever the worker left in its process group; it may hold the pipes.
-        signal_group(pgid, Signal::SIGKILL);
+        drop(group);
         if !io_done
             && tokio::time::timeout(PIPE_DRAIN_LIMIT, &mut io)
                 .await
@@ -315,12 +319,29 @@ fn spawn_error_text(command: &[String], dir: Option<&Path>, e: &std::io::Error) 
 }
 
 /// Signals the worker and its process group. Never signals a group id ≤ 1.
+/// SIGTERM is followed by SIGCONT, so that a stopped worker (SIGSTOP,
+/// SIGTSTP) gets to handle it rather than wait for SIGKILL.
 fn terminate(pgid: i32, sig: Signal) {
-    if pgid > 1 {
-        // The leader may have moved itself to another group; reach it directly too.
-        let _ = kill(Pid::from_raw(pgid), sig);
+    let send = |sig| {
+        if pgid > 1 {
+            // The leader may have moved itself to another group; reach it directly too.
+            let _ = kill(Pid::from_raw(pgid), sig);
+        }
+        signal_group(pgid, sig);
+    };
+    send(sig);
+    if sig == Signal::SIGTERM {
+        send(Signal::SIGCONT);
     }
-    signal_group(pgid, sig);
+}
+
+/// SIGKILLs a worker's process group when dropped.
+struct KillGroupOnDrop(i32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        signal_group(self.0, Signal::SIGKILL);
+    }
 }
 
 /// `killpg`, refusing group ids ≤ 1 (0 is our own group, 1 almost everything).

@@ -7,7 +7,7 @@
 
 use crate::config::{self, Config, QueueConfig};
 use crate::metrics::{self, GlobalStats, QueueStats};
-use crate::{broker, consumer, systemd};
+use crate::{broker, consumer, runner, systemd};
 use futures_lite::StreamExt;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -383,7 +383,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// How long jobs may still take to settle once they were told to stop.
+/// How long jobs may still take to settle once their stopped workers are gone.
 const SETTLE_AFTER_INTERRUPT: Duration = Duration::from_secs(5);
 /// How long to wait for the broker to confirm closing the connection.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
@@ -397,9 +397,20 @@ async fn wait_for_jobs(shared: &Shared) {
     let given_up = async {
         shared.interrupt.cancelled().await;
         // One limit from the first wait on; a later wait does not add to it.
-        let deadline = *shared
-            .settle_deadline
-            .get_or_init(|| tokio::time::Instant::now() + SETTLE_AFTER_INTERRUPT);
+        // It starts once the stopped workers are surely gone: after the
+        // longest `kill_grace` (then SIGKILL) and the time to drain their pipes.
+        let deadline = *shared.settle_deadline.get_or_init(|| {
+            let kill_grace = shared
+                .queues()
+                .iter()
+                .map(|q| q.cfg.kill_grace)
+                .max()
+                .unwrap_or_default();
+            tokio::time::Instant::now()
+                + kill_grace
+                + runner::PIPE_DRAIN_LIMIT
+                + SETTLE_AFTER_INTERRUPT
+        });
         let passed = tokio::time::Instant::now() >= deadline;
         tokio::time::sleep_until(deadline).await;
         passed

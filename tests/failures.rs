@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn record_worker() -> String {
     repo("workers/testing/record.sh")
@@ -438,6 +438,52 @@ backoff = ["200ms"]
         Some("2")
     );
     assert!(sup.log_text().contains("timed out"));
+    broker.cleanup().await;
+}
+
+/// A stopped worker (SIGSTOP) that times out is continued after SIGTERM, so
+/// that its handler runs instead of waiting for SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_gets_to_handle_sigterm_on_timeout() {
+    let mut broker = Broker::connect().await;
+    let q = unique("stopped");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let worker = work.script(
+        "worker.sh",
+        r#"#!/bin/sh
+trap 'echo got-TERM >> "$RECORD_DIR/term"; exit 143' TERM
+kill -STOP $$
+"#,
+    );
+    broker.publish_id(&q, "m0", b"x").await;
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\ntimeout = \"1s\"\nkill_grace = \"20s\"\nmax_attempts = 1\n",
+        worker.display()
+    );
+    let t = Instant::now();
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    let dead_q = format!("{q}.dead");
+    broker.wait_count(&dead_q, 1, Duration::from_secs(15)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "waited for kill_grace"
+    );
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert_eq!(
+        std::fs::read_to_string(work.file("term")).unwrap_or_default(),
+        "got-TERM\n",
+        "{}",
+        tail(&sup.log_text(), 20)
+    );
+    let dead = broker.drain(&dead_q).await;
+    assert_eq!(
+        header(&dead[0], "x-amqp-exec-exit").as_deref(),
+        Some("timeout")
+    );
+    // Ledger: 1 published = 0 done + 0 waiting + 1 dead.
+    assert_eq!(broker.count(&q).await, Some(0));
     broker.cleanup().await;
 }
 

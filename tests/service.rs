@@ -160,6 +160,80 @@ async fn shutdown_grace_expiry_kills_workers_and_requeues() {
     broker.cleanup().await;
 }
 
+/// A worker that ignores SIGTERM gets its full `kill_grace` after the
+/// shutdown grace, then SIGKILL for its whole process group: nothing of it
+/// outlives the supervisor, even with `kill_grace` longer than the few
+/// seconds jobs get to settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stubborn_worker_and_its_children_do_not_outlive_shutdown() {
+    let mut broker = Broker::connect().await;
+    let q = unique("stubborn");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    broker.publish_id(&q, "m0", b"x").await;
+    let worker = work.script(
+        "worker.sh",
+        r#"#!/bin/sh
+trap '' TERM
+sleep 1000 &
+echo "$!" > "$RECORD_DIR/child"
+echo "$$" > "$RECORD_DIR/leader"
+sleep 1000
+"#,
+    );
+    let config = format!(
+        "shutdown_grace = \"1s\"\n[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nkill_grace = \"7s\"\n",
+        worker.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    let pid_in = |name: &str| -> Option<i32> {
+        std::fs::read_to_string(work.file(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let started = Instant::now();
+    while pid_in("leader").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the worker did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (leader, child) = (pid_in("leader").unwrap(), pid_in("child").unwrap());
+    let t = Instant::now();
+    sup.signal(Signal::SIGTERM);
+    let status = sup.wait_exit(Duration::from_secs(30)).await;
+    let took = t.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took >= Duration::from_secs(7),
+        "stopped before shutdown_grace + kill_grace: {took:?}\n{}",
+        tail(&sup.log_text(), 20)
+    );
+    for (what, pid) in [("leader", leader), ("child", child)] {
+        let gone = Instant::now();
+        while running(pid) {
+            assert!(
+                gone.elapsed() < Duration::from_secs(2),
+                "the worker's {what} ({pid}) outlived the supervisor\n{}",
+                tail(&sup.log_text(), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        sup.log_text().contains("sending SIGKILL"),
+        "{}",
+        tail(&sup.log_text(), 20)
+    );
+    // Ledger: the message is back in its queue.
+    broker.wait_count(&q, 1, Duration::from_secs(5)).await;
+    assert_eq!(broker.count(&format!("{q}.dead")).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_stops_at_once_without_acking() {
     let mut broker = Broker::connect().await;
