@@ -213,7 +213,7 @@ async fn consume(
             Some(Err(e)) => break End::ChannelError(format!("channel error: {e}")),
             Some(Ok(d)) => d,
         };
-        shared.delivery_arrived();
+        let _held = shared.delivery_arrived();
         if queue.cfg.max_rate.is_some() {
             tokio::select! {
                 biased;
@@ -230,8 +230,16 @@ async fn consume(
             continue;
         }
         if !shared.claim_job() {
+            // Every job left under `--max-jobs` is running. Hand this one
+            // back, and wait: one of them may still end without an ack.
             nack_requeue(&delivery, conn_lost).await;
-            break End::Stopped;
+            drop(slot);
+            tokio::select! {
+                biased;
+                _ = queue.stop.cancelled() => break End::Stopped,
+                _ = conn_lost.cancelled() => break End::Stopped,
+                _ = shared.claim_freed() => continue,
+            }
         }
         // With `max_workers` below the queues' concurrency, the delivery may
         // wait here for a slot: on shutdown or reload it goes back instead.

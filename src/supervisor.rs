@@ -11,10 +11,10 @@ use crate::{broker, consumer, runner, systemd};
 use futures_lite::StreamExt;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -147,8 +147,15 @@ pub struct Shared {
     max_jobs: Option<u64>,
     claimed: AtomicU64,
     finished: AtomicU64,
+    /// A claim was given back (a job ended without an ack).
+    unclaimed: Notify,
     last_delivery: Mutex<Instant>,
+    /// Deliveries taken from a consumer and not yet started as a job nor
+    /// handed back (waiting for `max_rate` or a `max_workers` slot).
+    held: AtomicUsize,
     ready: AtomicUsize,
+    /// READY=1 was sent: reloads may say RELOADING=1.
+    ready_sent: AtomicBool,
     /// Of those, queues that were not consuming when they counted.
     waiting: AtomicUsize,
     queue_count: usize,
@@ -171,8 +178,11 @@ impl Shared {
             max_jobs: opts.max_jobs,
             claimed: AtomicU64::new(0),
             finished: AtomicU64::new(0),
+            unclaimed: Notify::new(),
             last_delivery: Mutex::new(Instant::now()),
+            held: AtomicUsize::new(0),
             ready: AtomicUsize::new(0),
+            ready_sent: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             queue_count: cfg.queues.len(),
             queues: RwLock::new(Vec::new()),
@@ -203,6 +213,24 @@ impl Shared {
     pub fn unclaim_job(&self) {
         if self.max_jobs.is_some() {
             self.claimed.fetch_sub(1, Ordering::SeqCst);
+            self.unclaimed.notify_waiters();
+        }
+    }
+
+    /// Waits until a job can be claimed again under `--max-jobs`: a claimed
+    /// job ended without an ack, so its message must still run.
+    pub async fn claim_freed(&self) {
+        loop {
+            let freed = self.unclaimed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self
+                .max_jobs
+                .is_none_or(|max| self.claimed.load(Ordering::SeqCst) < max)
+            {
+                return;
+            }
+            freed.await;
         }
     }
 
@@ -220,8 +248,11 @@ impl Shared {
         }
     }
 
-    pub fn delivery_arrived(&self) {
-        *self.last_delivery.lock().expect("not poisoned") = Instant::now();
+    /// A delivery arrived; it counts as held (keeping `--exit-when-idle`
+    /// from stopping) until the returned guard is dropped.
+    pub fn delivery_arrived(&self) -> HeldDelivery<'_> {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        HeldDelivery(self)
     }
 
     fn idle_for(&self) -> Duration {
@@ -237,7 +268,19 @@ impl Shared {
         }
         if self.ready.fetch_add(1, Ordering::SeqCst) + 1 == self.queue_count {
             systemd::notify_ready(self.waiting.load(Ordering::SeqCst));
+            self.ready_sent.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// A delivery the consumer holds; see [`Shared::delivery_arrived`].
+pub struct HeldDelivery<'a>(&'a Shared);
+
+impl Drop for HeldDelivery<'_> {
+    fn drop(&mut self) {
+        // The idle time counts from when the delivery was started or returned.
+        *self.0.last_delivery.lock().expect("not poisoned") = Instant::now();
+        self.0.held.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -325,6 +368,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
     );
     let mut url_index = 0;
     let mut backoff = RECONNECT_MIN;
+    let mut unreadable_wait = RECONNECT_MIN;
     let mut first = true;
     while !shared.stop.is_cancelled() {
         let attempt = tokio::select! {
@@ -361,11 +405,29 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
         first = false;
         shared.stats.connected.store(1, Ordering::Relaxed);
         tracing::info!("connected to {}", broker::redact(&cfg.broker.urls[index]));
-        let lost = session(Arc::new(conn), &shared, &mut reload_rx).await;
+        let end = session(Arc::new(conn), &shared, &mut reload_rx).await;
         shared.stats.connected.store(0, Ordering::Relaxed);
-        if lost {
+        if end != SessionEnd::Shutdown {
             url_index += 1;
-            let wait = jittered(RECONNECT_MIN);
+            let wait = if end == SessionEnd::Unreadable {
+                // The message comes back at once on the next connection:
+                // reconnect ever more slowly, and say what to do.
+                unreadable_wait = (unreadable_wait * 2).min(RECONNECT_MAX);
+                tracing::error!(
+                    "the broker sent a message that cannot be read (most likely a property such \
+                     as message_id, type or a header name that is not UTF-8); it stays at the \
+                     head of its queue and is delivered again on every connection, so the \
+                     queues make no progress: remove it from its queue (for instance with the \
+                     management UI's \"Get messages\", ack mode \"Reject requeue false\", on a \
+                     queue with a dead-letter exchange, or by purging the queue); reconnecting \
+                     in {}s",
+                    unreadable_wait.as_secs()
+                );
+                jittered(unreadable_wait)
+            } else {
+                unreadable_wait = RECONNECT_MIN;
+                jittered(RECONNECT_MIN)
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shared.stop.cancelled() => {}
@@ -427,18 +489,30 @@ async fn wait_for_jobs(shared: &Shared) {
     }
 }
 
-/// Runs all consumers on one connection. Returns true if the connection was
-/// lost, false on shutdown (after the running jobs finished and the
-/// connection was closed).
+/// How a session on one connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// Shutdown: the running jobs finished and the connection was closed.
+    Shutdown,
+    /// The connection was lost.
+    Lost,
+    /// The connection was lost because the client could not parse what the
+    /// broker sent: a message it cannot read, which comes back every time.
+    Unreadable,
+}
+
+/// Runs all consumers on one connection until shutdown or until the
+/// connection is lost.
 async fn session(
     conn: Arc<lapin::Connection>,
     shared: &Arc<Shared>,
     reload_rx: &mut mpsc::Receiver<()>,
-) -> bool {
+) -> SessionEnd {
     let conn_lost = CancellationToken::new();
+    let unreadable = Arc::new(AtomicBool::new(false));
     let mut events = conn.events_listener();
     let watcher = {
-        let (conn, conn_lost) = (conn.clone(), conn_lost.clone());
+        let (conn, conn_lost, unreadable) = (conn.clone(), conn_lost.clone(), unreadable.clone());
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 match event {
@@ -448,6 +522,9 @@ async fn session(
                     // error and rebuilds the channel; the other queues carry on.
                     lapin::Event::Error(e) if !conn.status().connected() => {
                         tracing::error!("connection lost: {e}");
+                        if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) {
+                            unreadable.store(true, Ordering::SeqCst);
+                        }
                         conn_lost.cancel();
                     }
                     lapin::Event::Error(e) => tracing::debug!("the broker closed a channel: {e}"),
@@ -509,7 +586,11 @@ async fn session(
             );
         }
         watcher.abort();
-        return true;
+        return if unreadable.load(Ordering::SeqCst) {
+            SessionEnd::Unreadable
+        } else {
+            SessionEnd::Lost
+        };
     }
     // Shutdown: jobs still need this connection to settle their messages.
     wait_for_jobs(shared).await;
@@ -517,7 +598,7 @@ async fn session(
     if conn.status().blocked() {
         // Nothing can be sent, the close included: the socket closes on exit.
         tracing::warn!("the broker still blocks the connection; closing it without waiting");
-        return false;
+        return SessionEnd::Shutdown;
     }
     let closing = conn.close(200, "amqp-exec shutting down".into());
     if tokio::time::timeout(CLOSE_LIMIT, closing).await.is_err() {
@@ -526,7 +607,7 @@ async fn session(
             CLOSE_LIMIT.as_secs()
         );
     }
-    false
+    SessionEnd::Shutdown
 }
 
 fn spawn_signal_handler(shared: Arc<Shared>, reload_tx: mpsc::Sender<()>) {
@@ -592,7 +673,11 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
             return Vec::new();
         }
     };
-    systemd::notify_reloading();
+    // Before the service is ready, systemd is still waiting for READY=1.
+    let notify = shared.ready_sent.load(Ordering::SeqCst);
+    if notify {
+        systemd::notify_reloading();
+    }
     *shared.shutdown_grace.lock().expect("not poisoned") = cfg.shutdown_grace;
     let mut current = shared.queues.write().expect("not poisoned");
     let mut next = Vec::with_capacity(cfg.queues.len());
@@ -631,7 +716,9 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
         "reload done: {} queue(s); [broker], max_workers and [metrics] change only on restart",
         current.len()
     );
-    systemd::notify_reloaded();
+    if notify {
+        systemd::notify_reloaded();
+    }
     started
 }
 
@@ -643,7 +730,10 @@ fn spawn_idle_watch(shared: Arc<Shared>, idle: Duration) {
             if shared.stop.is_cancelled() {
                 return;
             }
-            if shared.tracker.is_empty() && shared.idle_for() >= idle {
+            if shared.tracker.is_empty()
+                && shared.held.load(Ordering::SeqCst) == 0
+                && shared.idle_for() >= idle
+            {
                 tracing::info!(
                     "no delivery for {:.1}s (--exit-when-idle); stopping",
                     idle.as_secs_f64()

@@ -254,3 +254,39 @@ async fn every_bad_input_gets_a_clear_outcome() {
     }
     broker.cleanup().await;
 }
+
+/// A message the client library cannot read (a `message_id` that is not
+/// UTF-8) costs the connection every time it is delivered. The supervisor
+/// says what to do about it and reconnects ever more slowly instead of
+/// twice a second; the message stays in its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_slows_reconnection_and_is_named() {
+    let mut broker = Broker::connect().await;
+    let q = unique("unreadable");
+    broker.declare(&q).await;
+    raw::publish_with_raw_message_id(&q, b"id\xff-x", b"body");
+    let work = Workdir::new();
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\n",
+        repo("workers/testing/record.sh")
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("cannot be read", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    let log = sup.log_text();
+    let connections = log.matches("connected to").count();
+    // Waits of about 1, 2, 4 s (±25%) in 6 s: at most 4 connections; a
+    // reconnect every 0.5 s would make a dozen.
+    assert!(
+        connections <= 4,
+        "{connections} connections\n{}",
+        tail(&log, 30)
+    );
+    assert!(work.ledger().is_empty());
+    // Ledger: 1 published = 0 done + 1 waiting + 0 dead.
+    broker.wait_count(&q, 1, Duration::from_secs(5)).await;
+    broker.cleanup().await;
+}

@@ -234,6 +234,105 @@ sleep 1000
     broker.cleanup().await;
 }
 
+/// Under `--max-jobs`, a claimed job that ends without an ack (here
+/// requeued by its exit code) frees its claim, and the consumer, which had
+/// handed back a delivery over the limit, takes deliveries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_jobs_still_ends_when_a_claimed_job_is_requeued() {
+    let mut broker = Broker::connect().await;
+    let q = unique("maxjobs-requeue");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    // "req" is requeued on its first run, then succeeds.
+    let worker = work.script(
+        "worker.sh",
+        r#"#!/bin/sh
+cat > /dev/null
+echo "$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT $(date +%s%N) $(date +%s%N) $$" >> "$RECORD_DIR/ledger"
+if [ "$AMQP_EXEC_MESSAGE_ID" = req ] && [ "$AMQP_EXEC_REDELIVERED" = 0 ]; then exit 3; fi
+sleep 0.3
+"#,
+    );
+    for id in ["req", "ok2", "ok3"] {
+        broker.publish_id(&q, id, b"x").await;
+    }
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = 3\n[queue.exit_codes]\n3 = \"requeue\"\n",
+        worker.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "2"]);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 3 published = 2 done + 1 waiting + 0 dead.
+    broker.wait_count(&q, 1, Duration::from_secs(5)).await;
+    assert_eq!(broker.count(&format!("{q}.dead")).await, Some(0));
+    broker.cleanup().await;
+}
+
+/// `--exit-when-idle` counts a delivery held back by `max_rate` as work:
+/// the supervisor exits only once every message ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_when_idle_waits_for_deliveries_held_by_max_rate() {
+    let mut broker = Broker::connect().await;
+    let q = unique("idle-rate");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    for i in 0..3 {
+        broker.publish_id(&q, &format!("m{i}"), b"x").await;
+    }
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nmax_rate = \"0.5/s\"\nenv = {{ SLEEP = \"0\" }}\n",
+        repo("workers/testing/record.sh")
+    );
+    let mut sup = Supervisor::start(&work, &config, &["--exit-when-idle", "1s"]);
+    sup.wait_success(Duration::from_secs(30)).await;
+    assert_eq!(work.ledger().len(), 3, "{}", tail(&sup.log_text(), 20));
+    // Ledger: 3 published = 3 done + 0 waiting + 0 dead.
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
+/// A SIGHUP before the service is ready (the broker does not answer yet)
+/// reloads without telling systemd READY=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_before_ready_does_not_signal_ready() {
+    let work = Workdir::new();
+    let sock_path = work.file("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let config = format!(
+        "[[queue]]\nname = \"{}\"\ncommand = [\"/bin/cat\"]\n",
+        unique("never")
+    );
+    let mut sup = Supervisor::start_with_env(
+        &work,
+        &config,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            // Nothing listens on port 1.
+            ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ],
+    );
+    sup.wait_log("cannot connect", Duration::from_secs(20))
+        .await;
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(20)).await;
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    }
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert!(!seen.contains("READY=1"), "{seen}");
+    assert!(!seen.contains("RELOADING=1"), "{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_stops_at_once_without_acking() {
     let mut broker = Broker::connect().await;

@@ -4,6 +4,7 @@
 
 pub mod mariadb;
 pub mod proxy;
+pub mod raw;
 pub mod smtp;
 
 use futures_lite::StreamExt;
