@@ -17,7 +17,9 @@ use lapin::{BasicProperties, Channel, Connection};
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
 
 /// Exit status when the broker cannot be reached (sysexits.h `EX_UNAVAILABLE`).
 pub const EX_UNAVAILABLE: i32 = 69;
@@ -66,7 +68,7 @@ pub fn broker_for_cli(
             Ok(c) => c.broker,
             // The service's config may be unreadable to this user; with a
             // URL given it is not needed.
-            Err(e) if url.is_some() => {
+            Err(e) if url.is_some() && !e.file.as_os_str().is_empty() => {
                 tracing::warn!("not using {}: {e}", config_path.display());
                 defaults()?
             }
@@ -78,29 +80,126 @@ pub fn broker_for_cli(
     Ok(base)
 }
 
-async fn open(broker: &config::BrokerConfig, what: &str) -> Result<(Connection, Channel), Failure> {
+/// Ends the command's waits on the broker once the connection is lost.
+/// lapin may leave a request unanswered when it drops the connection (for
+/// example on a frame it cannot parse): every wait of the CLI tools races
+/// against this, so that none of them waits for ever.
+#[derive(Clone)]
+struct Lost {
+    token: CancellationToken,
+    why: Arc<Mutex<Option<String>>>,
+}
+
+impl Lost {
+    /// Watches `conn`: its error event, or a state other than connected
+    /// (checked every second, in case the event came before the watch).
+    /// While the broker blocks the connection nothing gets through, and the
+    /// command waits: it says why.
+    fn watch(conn: &Connection) -> Lost {
+        let lost = Lost {
+            token: CancellationToken::new(),
+            why: Arc::new(Mutex::new(None)),
+        };
+        let mut events = conn.events_listener();
+        let status = conn.status().clone();
+        let watcher = lost.clone();
+        tokio::spawn(async move {
+            use futures_lite::StreamExt;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let event = tokio::select! {
+                    e = events.next() => e,
+                    _ = tick.tick() => {
+                        if status.errored() || status.closed() {
+                            watcher.set("the connection was closed");
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                match event {
+                    Some(lapin::Event::ConnectionBlocked(reason)) => tracing::warn!(
+                        "the broker blocks publishing ({reason}); waiting until it unblocks"
+                    ),
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        tracing::info!("the broker unblocked publishing")
+                    }
+                    // Also sent when the broker closes one channel (a
+                    // passive declare of a missing queue): only the
+                    // connection's own error counts.
+                    Some(lapin::Event::Error(e)) if status.errored() || status.closed() => {
+                        watcher.set(&e.to_string());
+                        return;
+                    }
+                    Some(_) => {}
+                    None => {
+                        watcher.set("the connection was closed");
+                        return;
+                    }
+                }
+            }
+        });
+        lost
+    }
+
+    fn set(&self, why: &str) {
+        self.why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| why.to_owned());
+        self.token.cancel();
+    }
+
+    fn failure(&self) -> Failure {
+        let why = self.why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Failure::new(
+            1,
+            format!(
+                "lost the connection to the broker: {}",
+                why.as_deref().unwrap_or("the connection was closed")
+            ),
+        )
+    }
+
+    /// `fut`'s output, or a failure once the connection is lost.
+    async fn race<T>(&self, fut: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+        tokio::select! {
+            biased;
+            v = fut => Ok(v),
+            _ = self.token.cancelled() => Err(self.failure()),
+        }
+    }
+}
+
+/// A connection of a CLI tool, its first channel, and its loss.
+struct Session {
+    conn: Connection,
+    channel: Channel,
+    lost: Lost,
+}
+
+impl Session {
+    async fn close(&self) {
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+
+    /// A new channel on the connection.
+    async fn channel(&self) -> Result<Channel, Failure> {
+        self.lost.race(channel_on(&self.conn)).await?
+    }
+}
+
+async fn open(broker: &config::BrokerConfig, what: &str) -> Result<Session, Failure> {
     let (conn, _) = broker::connect_any(broker, 0, &format!("amqp-exec {what}"))
         .await
         .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
-    let channel = channel_on(&conn).await?;
-    // While the broker blocks the connection nothing gets through, and the
-    // command waits: say why.
-    let mut events = conn.events_listener();
-    tokio::spawn(async move {
-        use futures_lite::StreamExt;
-        while let Some(event) = events.next().await {
-            match event {
-                lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
-                    "the broker blocks publishing ({reason}); waiting until it unblocks"
-                ),
-                lapin::Event::ConnectionUnblocked => {
-                    tracing::info!("the broker unblocked publishing")
-                }
-                _ => {}
-            }
-        }
-    });
-    Ok((conn, channel))
+    let lost = Lost::watch(&conn);
+    let channel = lost.race(channel_on(&conn)).await??;
+    Ok(Session {
+        conn,
+        channel,
+        lost,
+    })
 }
 
 /// Options of `amqp-exec publish`.
@@ -152,8 +251,8 @@ fn read_input(args: &PublishArgs) -> Result<Vec<u8>, Failure> {
     }
 }
 
-/// Properties shared by all messages of one command, and the id prefix.
-fn base_properties(args: &PublishArgs) -> (BasicProperties, String) {
+/// Properties shared by all messages of one command.
+fn base_properties(args: &PublishArgs) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in &args.headers {
         table.insert(
@@ -174,7 +273,7 @@ fn base_properties(args: &PublishArgs) -> (BasicProperties, String) {
     if let Some(ct) = &args.content_type {
         base = base.with_content_type(ct.as_str().into());
     }
-    (base, args.message_id.clone().unwrap_or_else(random_id))
+    base
 }
 
 /// The id of message `n` (from 1) of `total`.
@@ -200,15 +299,11 @@ const MAX_TASKS: u64 = 1_000_000;
 /// Publishes the messages and waits for every confirm; with a reply
 /// timeout, sends them as tasks and gathers their replies.
 pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result<(), Failure> {
+    check_publish_args(&args)?;
     let (exchange, routing_key) = match (&args.queue, &args.exchange) {
         (Some(q), None) => (String::new(), q.clone()),
         (None, Some(e)) => (e.clone(), args.routing_key.clone().unwrap_or_default()),
-        _ => {
-            return Err(Failure::new(
-                2,
-                "give either --queue Q or --exchange E [--routing-key K]",
-            ));
-        }
+        _ => unreachable!("checked by check_publish_args"),
     };
     let input = read_input(&args)?;
     let bodies = split_bodies(&input, args.lines);
@@ -227,44 +322,163 @@ pub async fn publish(broker: &config::BrokerConfig, args: PublishArgs) -> Result
             "nothing to publish: the input has no lines",
         ));
     }
-    let (conn, channel) = open(broker, "publish").await?;
-    if args.declare
-        && let Some(q) = &args.queue
-    {
-        declare_if_missing(&conn, q).await?;
+    // The id with the longest number must fit too, or the publish would
+    // stop half-way.
+    let id_prefix = args.message_id.clone().unwrap_or_else(random_id);
+    let last_id = message_id(&args, &id_prefix, total, total);
+    if last_id.len() > SHORT_MAX {
+        return Err(Failure::new(
+            2,
+            format!(
+                "--message-id: with {total} messages the ids run up to {} bytes \
+                 (\"…-{total}\"); AMQP allows at most {SHORT_MAX}",
+                last_id.len()
+            ),
+        ));
     }
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
-    let result = match args.reply_timeout {
-        Some(timeout) => request(&channel, &args, &exchange, &routing_key, &bodies, timeout).await,
-        None => fire(&channel, &args, &exchange, &routing_key, &bodies).await,
-    };
-    let _ = conn.close(200, "done".into()).await;
+    let session = open(broker, "publish").await?;
+    let result = publish_on(
+        &session,
+        &args,
+        &id_prefix,
+        &exchange,
+        &routing_key,
+        &bodies,
+    )
+    .await;
+    session.close().await;
     result
 }
 
-/// Publishes every message, 1,000 confirms in flight at most.
-async fn fire(
-    channel: &Channel,
+async fn publish_on(
+    session: &Session,
     args: &PublishArgs,
+    id_prefix: &str,
     exchange: &str,
     routing_key: &str,
     bodies: &[&[u8]],
 ) -> Result<(), Failure> {
+    if args.declare
+        && let Some(q) = &args.queue
+    {
+        declare_if_missing(session, q).await?;
+    }
+    session
+        .lost
+        .race(
+            session
+                .channel
+                .confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?
+        .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
+    match args.reply_timeout {
+        Some(timeout) => {
+            request(
+                session,
+                args,
+                id_prefix,
+                exchange,
+                routing_key,
+                bodies,
+                timeout,
+            )
+            .await
+        }
+        None => fire(session, args, id_prefix, exchange, routing_key, bodies).await,
+    }
+}
+
+/// Longest AMQP short string: queue and exchange names, routing keys,
+/// header names, and properties such as the message id.
+const SHORT_MAX: usize = 255;
+
+/// A usage error unless `value` fits in an AMQP short string.
+fn short(flag: &str, value: &str) -> Result<(), Failure> {
+    if value.len() <= SHORT_MAX {
+        return Ok(());
+    }
+    Err(Failure::new(
+        2,
+        format!(
+            "{flag}: {} bytes; AMQP allows at most {SHORT_MAX}",
+            value.len()
+        ),
+    ))
+}
+
+/// The checks of `publish`'s options that need neither the input nor the
+/// broker: a usage error (status 2) for each mistake.
+pub fn check_publish_args(args: &PublishArgs) -> Result<(), Failure> {
+    match (&args.queue, &args.exchange) {
+        (Some(_), None) | (None, Some(_)) => {}
+        _ => {
+            return Err(Failure::new(
+                2,
+                "give either --queue Q or --exchange E [--routing-key K]",
+            ));
+        }
+    }
+    if args.queue.is_some() && args.routing_key.is_some() {
+        return Err(Failure::new(
+            2,
+            "--routing-key goes with --exchange; with --queue the queue name is the routing key",
+        ));
+    }
+    if args.declare && args.queue.is_none() {
+        return Err(Failure::new(
+            2,
+            "--declare goes with --queue; declare an exchange's queues and bindings with the \
+             config's [[queue.bind]] or the broker's tools",
+        ));
+    }
+    if let Some(q) = &args.queue {
+        short("--queue", q)?;
+    }
+    if let Some(e) = &args.exchange {
+        short("--exchange", e)?;
+    }
+    if let Some(k) = &args.routing_key {
+        short("--routing-key", k)?;
+    }
+    for (k, _) in &args.headers {
+        short("--header (the name before =)", k)?;
+    }
+    if let Some(id) = &args.message_id {
+        short("--message-id", id)?;
+    }
+    if let Some(ct) = &args.content_type {
+        short("--content-type", ct)?;
+    }
+    if let Some(t) = args.reply_timeout {
+        check_reply_timeout(t).map_err(|e| Failure::new(2, format!("--timeout: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Publishes every message, 1,000 confirms in flight at most.
+async fn fire(
+    session: &Session,
+    args: &PublishArgs,
+    id_prefix: &str,
+    exchange: &str,
+    routing_key: &str,
+    bodies: &[&[u8]],
+) -> Result<(), Failure> {
+    let (channel, lost) = (&session.channel, &session.lost);
     let total = bodies.len() as u64 * args.count;
-    let (base, id_prefix) = base_properties(args);
+    let base = base_properties(args);
     let mut pending = VecDeque::new();
     let (mut confirmed, mut failed) = (0u64, Vec::new());
     let mut n = 0u64;
     for _ in 0..args.count {
         for body in bodies {
             n += 1;
-            let id = message_id(args, &id_prefix, n, total);
+            let id = message_id(args, id_prefix, n, total);
             let props = base.clone().with_message_id(id.as_str().into());
-            let confirm = publish::send(channel, exchange, routing_key, body, props)
-                .await
+            let confirm = lost
+                .race(publish::send(channel, exchange, routing_key, body, props))
+                .await?
                 .map_err(|e| {
                     Failure::new(
                         1,
@@ -274,12 +488,12 @@ async fn fire(
             pending.push_back((id, confirm));
             if pending.len() >= 1000 {
                 let (id, c) = pending.pop_front().expect("not empty");
-                settle_confirm(id, c, &mut confirmed, &mut failed).await?;
+                settle_confirm(lost, id, c, &mut confirmed, &mut failed).await?;
             }
         }
     }
     while let Some((id, c)) = pending.pop_front() {
-        settle_confirm(id, c, &mut confirmed, &mut failed).await?;
+        settle_confirm(lost, id, c, &mut confirmed, &mut failed).await?;
     }
     let to = target(exchange, routing_key);
     if failed.is_empty() {
@@ -321,16 +535,18 @@ struct Task<'a> {
 /// of a single task, or JSON lines in input order. Fails if any task failed
 /// or timed out. The tasks expire from their queue after `timeout`.
 async fn request(
-    channel: &Channel,
+    session: &Session,
     args: &PublishArgs,
+    id_prefix: &str,
     exchange: &str,
     routing_key: &str,
     bodies: &[&[u8]],
     timeout: Duration,
 ) -> Result<(), Failure> {
     use futures_lite::StreamExt;
-    let mut replies = channel
-        .basic_consume(
+    let (channel, lost) = (&session.channel, &session.lost);
+    let mut replies = lost
+        .race(channel.basic_consume(
             DIRECT_REPLY_TO.into(),
             "".into(),
             lapin::options::BasicConsumeOptions {
@@ -338,11 +554,11 @@ async fn request(
                 ..Default::default()
             },
             FieldTable::default(),
-        )
-        .await
+        ))
+        .await?
         .map_err(|e| Failure::new(1, format!("cannot consume replies: {e}")))?;
     let total = bodies.len() as u64 * args.count;
-    let (base, id_prefix) = base_properties(args);
+    let base = base_properties(args);
     let correlation = random_id();
     let base = base
         .with_reply_to(DIRECT_REPLY_TO.into())
@@ -354,10 +570,11 @@ async fn request(
             let n = tasks.len() as u64 + 1;
             let props = base
                 .clone()
-                .with_message_id(message_id(args, &id_prefix, n, total).as_str().into())
+                .with_message_id(message_id(args, id_prefix, n, total).as_str().into())
                 .with_correlation_id(format!("{correlation}-{n}").as_str().into());
-            let confirm = publish::send(channel, exchange, routing_key, body, props)
-                .await
+            let confirm = lost
+                .race(publish::send(channel, exchange, routing_key, body, props))
+                .await?
                 .map_err(|e| Failure::new(1, format!("publish failed: {e}")))?;
             confirms.push(confirm);
             tasks.push(Task {
@@ -370,8 +587,9 @@ async fn request(
     }
     let mut waiting = tasks.len();
     for (task, confirm) in tasks.iter_mut().zip(confirms) {
-        let checked = confirm
-            .await
+        let checked = lost
+            .race(confirm)
+            .await?
             .map_err(|e| Failure::new(1, format!("lost the broker while publishing: {e}")))
             .and_then(|c| publish::check(c).map_err(|e| Failure::new(1, e.to_string())));
         if let Err(e) = checked {
@@ -384,6 +602,8 @@ async fn request(
         let next = tokio::select! {
             d = replies.next() => d,
             _ = tokio::time::sleep_until(deadline) => break,
+            // Reported below like the end of the replies.
+            _ = lost.token.cancelled() => None,
         };
         let Some(Ok(d)) = next else {
             // Report the replies already in, and the rest as lost.
@@ -485,21 +705,19 @@ fn reply_line(task: &Task) -> String {
 }
 
 /// Declares `queue` durable unless it exists (with whatever arguments it has).
-async fn declare_if_missing(conn: &Connection, queue: &str) -> Result<(), Failure> {
-    if broker::queue_depth(&channel_on(conn).await?, queue)
-        .await
-        .is_ok()
-    {
+async fn declare_if_missing(session: &Session, queue: &str) -> Result<(), Failure> {
+    let lost = &session.lost;
+    let probe = session.channel().await?;
+    if lost.race(broker::queue_depth(&probe, queue)).await?.is_ok() {
         return Ok(());
     }
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel_on(conn)
+    let channel = session.channel().await?;
+    lost.race(channel.queue_declare(queue.into(), durable, FieldTable::default()))
         .await?
-        .queue_declare(queue.into(), durable, FieldTable::default())
-        .await
         .map_err(|e| Failure::new(1, format!("cannot declare queue \"{queue}\": {e}")))?;
     Ok(())
 }
@@ -511,12 +729,13 @@ async fn channel_on(conn: &Connection) -> Result<Channel, Failure> {
 }
 
 async fn settle_confirm(
+    lost: &Lost,
     id: String,
     confirm: lapin::PublisherConfirm,
     confirmed: &mut u64,
     failed: &mut Vec<(String, String)>,
 ) -> Result<(), Failure> {
-    let c = confirm.await.map_err(|e| {
+    let c = lost.race(confirm).await?.map_err(|e| {
         Failure::new(
             1,
             format!("lost the broker while waiting for confirms: {e}"),
@@ -575,11 +794,15 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
     }
     let mut broker_ok = true;
     match open(&cfg.broker, "check").await {
-        Ok((conn, channel)) => {
+        Ok(session) => {
             println!("broker: connected");
             for q in cfg.queues.iter().filter(|q| !q.declare) {
-                let ch = channel_on(&conn).await.unwrap_or_else(|_| channel.clone());
-                if let Err(e) = broker::queue_depth(&ch, &q.name).await {
+                // Each on a channel of its own: a missing queue closes it.
+                let ch = match session.lost.race(channel_on(&session.conn)).await? {
+                    Ok(ch) => ch,
+                    Err(_) => session.channel.clone(),
+                };
+                if let Err(e) = session.lost.race(broker::queue_depth(&ch, &q.name)).await? {
                     println!(
                         "queue \"{}\": error: declare = false but the queue is not usable: {e}",
                         q.name
@@ -587,7 +810,7 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
                     problems += 1;
                 }
             }
-            let _ = conn.close(200, "done".into()).await;
+            session.close().await;
         }
         Err(e) => {
             println!("broker: error: {}", e.message);
@@ -635,10 +858,29 @@ fn dead_entry(d: &lapin::message::Delivery) -> DeadEntry {
     }
 }
 
-async fn dead_count(channel: &Channel, dead: &str) -> Result<u32, Failure> {
-    broker::queue_depth(channel, dead)
-        .await
+async fn dead_count(session: &Session, dead: &str) -> Result<u32, Failure> {
+    session
+        .lost
+        .race(broker::queue_depth(&session.channel, dead))
+        .await?
         .map_err(|e| Failure::new(1, format!("queue \"{dead}\" is not there: {e}")))
+}
+
+/// The dead-letter queue of `queue`, if its name fits in AMQP's limit.
+fn dead_queue_arg(queue: &str) -> Result<String, Failure> {
+    let dead = dead_queue_name(queue);
+    if dead.len() > SHORT_MAX {
+        return Err(Failure::new(
+            2,
+            format!(
+                "--queue: {} bytes, and its dead-letter queue \"….dead\" {}; AMQP allows at \
+                 most {SHORT_MAX}",
+                queue.len(),
+                dead.len()
+            ),
+        ));
+    }
+    Ok(dead)
 }
 
 /// `dead list`: prints up to `limit` dead letters and leaves them in place.
@@ -648,18 +890,30 @@ pub async fn dead_list(
     limit: Option<u32>,
     json: bool,
 ) -> Result<(), Failure> {
-    let dead = dead_queue_name(queue);
-    let (conn, channel) = open(broker, "dead list").await?;
-    let available = dead_count(&channel, &dead).await?;
+    let dead = dead_queue_arg(queue)?;
+    let session = open(broker, "dead list").await?;
+    let result = dead_list_on(&session, &dead, limit, json).await;
+    session.close().await;
+    result
+}
+
+async fn dead_list_on(
+    session: &Session,
+    dead: &str,
+    limit: Option<u32>,
+    json: bool,
+) -> Result<(), Failure> {
+    let (channel, lost) = (&session.channel, &session.lost);
+    let available = dead_count(session, dead).await?;
     let n = limit.map_or(available, |l| l.min(available));
     // Only the last delivery's acker is kept: one nack with `multiple` hands
     // them all back, and the bodies need not stay in memory.
     let mut shown = 0usize;
     let mut last = None;
     for _ in 0..n {
-        match channel
-            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-            .await
+        match lost
+            .race(channel.basic_get(dead.into(), BasicGetOptions { no_ack: false }))
+            .await?
         {
             Ok(Some(m)) => {
                 let e = dead_entry(&m.delivery);
@@ -691,17 +945,16 @@ pub async fn dead_list(
     }
     // Put them back where they were.
     if let Some(last) = last {
-        let _ = last
-            .nack(BasicNackOptions {
+        let _ = lost
+            .race(last.nack(BasicNackOptions {
                 multiple: true,
                 requeue: true,
-            })
+            }))
             .await;
     }
     if !json {
         eprintln!("{shown} of {available} dead letter(s) in \"{dead}\" shown");
     }
-    let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
 
@@ -712,21 +965,34 @@ pub async fn dead_replay(
     queue: &str,
     limit: Option<u32>,
 ) -> Result<(), Failure> {
-    let dead = dead_queue_name(queue);
-    let (conn, channel) = open(broker, "dead replay").await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
+    let dead = dead_queue_arg(queue)?;
+    let session = open(broker, "dead replay").await?;
+    let result = dead_replay_on(&session, queue, &dead, limit).await;
+    session.close().await;
+    let replayed = result?;
+    println!("replayed {replayed} message(s) from \"{dead}\" to \"{queue}\"");
+    Ok(())
+}
+
+async fn dead_replay_on(
+    session: &Session,
+    queue: &str,
+    dead: &str,
+    limit: Option<u32>,
+) -> Result<u32, Failure> {
+    let (channel, lost) = (&session.channel, &session.lost);
+    lost.race(channel.confirm_select(ConfirmSelectOptions::default()))
+        .await?
         .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
-    let publisher = publish::ConfirmChannel::new(channel.clone(), &conn);
-    let available = dead_count(&channel, &dead).await?;
+    let publisher = publish::ConfirmChannel::new(channel.clone(), &session.conn);
+    let available = dead_count(session, dead).await?;
     // Bounded by what is there now, so that messages failing again are not replayed in a loop.
     let n = limit.map_or(available, |l| l.min(available));
     let mut replayed = 0u32;
     for _ in 0..n {
-        let m = match channel
-            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-            .await
+        let m = match lost
+            .race(channel.basic_get(dead.into(), BasicGetOptions { no_ack: false }))
+            .await?
         {
             Ok(Some(m)) => m,
             Ok(None) => break,
@@ -754,28 +1020,29 @@ pub async fn dead_replay(
             })
             .unwrap_or_default();
         let props = job::republished(&d.properties, FieldTable::from(kept));
-        if let Err(e) = publish::publish_confirmed(&publisher, "", queue, &d.data, props).await {
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
+        if let Err(e) = lost
+            .race(publish::publish_confirmed(
+                &publisher, "", queue, &d.data, props,
+            ))
+            .await?
+        {
+            let _ = lost
+                .race(d.acker.nack(BasicNackOptions {
                     multiple: false,
                     requeue: true,
-                })
+                }))
                 .await;
             return Err(Failure::new(
                 1,
                 format!("replay stopped after {replayed}: cannot publish to \"{queue}\": {e}"),
             ));
         }
-        d.acker
-            .ack(BasicAckOptions::default())
-            .await
+        lost.race(d.acker.ack(BasicAckOptions::default()))
+            .await?
             .map_err(|e| Failure::new(1, format!("replayed but could not ack from {dead}: {e}")))?;
         replayed += 1;
     }
-    let _ = conn.close(200, "done".into()).await;
-    println!("replayed {replayed} message(s) from \"{dead}\" to \"{queue}\"");
-    Ok(())
+    Ok(replayed)
 }
 
 /// `dead purge`: deletes every dead letter of `queue`.
@@ -784,13 +1051,13 @@ pub async fn dead_purge(
     queue: &str,
     yes: bool,
 ) -> Result<(), Failure> {
-    let dead = dead_queue_name(queue);
+    let dead = dead_queue_arg(queue)?;
     if !yes {
         // A usage error whatever the broker says; the count only informs.
         let available = match open(broker, "dead purge").await {
-            Ok((conn, channel)) => {
-                let n = dead_count(&channel, &dead).await.ok();
-                let _ = conn.close(200, "done".into()).await;
+            Ok(session) => {
+                let n = dead_count(&session, &dead).await.ok();
+                session.close().await;
                 n
             }
             Err(_) => None,
@@ -804,12 +1071,17 @@ pub async fn dead_purge(
             format!("refusing to delete {what} from \"{dead}\" without --yes"),
         ));
     }
-    let (conn, channel) = open(broker, "dead purge").await?;
-    let purged = channel
-        .queue_purge(dead.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .map_err(|e| Failure::new(1, format!("cannot purge {dead}: {e}")))?;
-    let _ = conn.close(200, "done".into()).await;
+    let session = open(broker, "dead purge").await?;
+    let purged = session
+        .lost
+        .race(
+            session
+                .channel
+                .queue_purge(dead.as_str().into(), QueuePurgeOptions::default()),
+        )
+        .await;
+    session.close().await;
+    let purged = purged?.map_err(|e| Failure::new(1, format!("cannot purge {dead}: {e}")))?;
     println!("purged {purged} message(s) from \"{dead}\"");
     Ok(())
 }
@@ -825,4 +1097,99 @@ pub fn parse_header(s: &str) -> Result<(String, String), String> {
 /// Parses a duration flag.
 pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
+}
+
+/// Longest `publish --reply --timeout`, in milliseconds: the tasks' message
+/// TTL, which RabbitMQ takes up to 2^32-1 ms (about 49.7 days).
+const MAX_REPLY_TIMEOUT_MS: u128 = u32::MAX as u128;
+
+/// Parses `publish --timeout`: 1ms to [`MAX_REPLY_TIMEOUT_MS`].
+pub fn parse_reply_timeout(s: &str) -> Result<Duration, String> {
+    let d = config::parse_duration(s)?;
+    check_reply_timeout(d)?;
+    Ok(d)
+}
+
+fn check_reply_timeout(d: Duration) -> Result<(), String> {
+    let ms = d.as_millis();
+    if (1..=MAX_REPLY_TIMEOUT_MS).contains(&ms) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be between 1ms and {MAX_REPLY_TIMEOUT_MS}ms (about 49 days), the longest \
+             message TTL RabbitMQ takes"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_timeout_is_a_valid_message_ttl() {
+        for ok in ["1ms", "30s", "49d", "4294967295ms"] {
+            assert!(parse_reply_timeout(ok).is_ok(), "{ok}");
+        }
+        for bad in ["0s", "0.5ms", "50d", "4294967296ms", "10000d"] {
+            assert!(parse_reply_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn publish_flags_are_checked_before_any_input() {
+        let base = PublishArgs {
+            queue: Some("q".into()),
+            count: 1,
+            ..PublishArgs::default()
+        };
+        assert!(check_publish_args(&base).is_ok());
+        let long = "x".repeat(256);
+        let cases = [
+            (
+                PublishArgs {
+                    routing_key: Some("k".into()),
+                    ..base.clone()
+                },
+                "--routing-key",
+            ),
+            (
+                PublishArgs {
+                    queue: None,
+                    exchange: Some("e".into()),
+                    declare: true,
+                    ..base.clone()
+                },
+                "--declare",
+            ),
+            (
+                PublishArgs {
+                    queue: Some(long.clone()),
+                    ..base.clone()
+                },
+                "--queue",
+            ),
+            (
+                PublishArgs {
+                    headers: vec![(long.clone(), "v".into())],
+                    ..base.clone()
+                },
+                "--header",
+            ),
+            (
+                PublishArgs {
+                    reply_timeout: Some(Duration::ZERO),
+                    ..base.clone()
+                },
+                "--timeout",
+            ),
+        ];
+        for (args, flag) in cases {
+            let f = check_publish_args(&args).unwrap_err();
+            assert_eq!(f.code, 2, "{flag}: {}", f.message);
+            assert!(f.message.contains(flag), "{flag}: {}", f.message);
+        }
+        assert!(dead_queue_arg(&"q".repeat(250)).is_ok());
+        assert_eq!(dead_queue_arg(&"q".repeat(251)).unwrap_err().code, 2);
+    }
 }

@@ -16,8 +16,8 @@ use std::time::Duration;
     about = "RabbitMQ consumer supervisor: one short-lived worker process per message"
 )]
 struct Cli {
-    /// Config file.
-    #[arg(long, global = true, env = "AMQP_EXEC_CONFIG", value_name = "PATH")]
+    /// Config file [default: $AMQP_EXEC_CONFIG when set and not empty, else /etc/amqp-exec/config.toml].
+    #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Log format; under journald, plain lines without timestamps are the default.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -38,8 +38,8 @@ enum LogFormat {
 enum Command {
     /// Consume the configured queues and run a worker per message.
     Run {
-        /// Exit 0 after this many jobs finished and were acked.
-        #[arg(long, value_name = "N")]
+        /// Exit 0 after this many jobs finished and were acked (at least 1).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         max_jobs: Option<u64>,
         /// Exit 0 once no delivery arrived for this long (e.g. 5s) and no job runs.
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration_arg)]
@@ -49,8 +49,8 @@ enum Command {
     Check,
     /// Publish test messages with publisher confirms.
     Publish {
-        /// Broker URL (default: the config's, else amqp://guest:guest@127.0.0.1:5672/%2f).
-        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        /// Broker URL [default: $AMQP_URL when set and not empty, else the config's, else amqp://guest:guest@127.0.0.1:5672/%2f].
+        #[arg(long)]
         url: Option<String>,
         /// Publish to this queue through the default exchange.
         #[arg(long, conflicts_with = "exchange")]
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long)]
         exchange: Option<String>,
         /// Routing key for --exchange.
-        #[arg(long, requires = "exchange")]
+        #[arg(long, requires = "exchange", conflicts_with = "queue")]
         routing_key: Option<String>,
         /// The body.
         #[arg(long, conflicts_with_all = ["file", "stdin"])]
@@ -85,13 +85,13 @@ enum Command {
         #[arg(long)]
         transient: bool,
         /// With --queue: declare the queue (durable) if it does not exist.
-        #[arg(long, requires = "queue")]
+        #[arg(long, requires = "queue", conflicts_with = "exchange")]
         declare: bool,
         /// Send the messages as tasks and print their replies (JSON lines with --lines).
         #[arg(long)]
         reply: bool,
-        /// With --reply: how long to wait for the replies; tasks not started by then expire.
-        #[arg(long, requires = "reply", value_name = "DURATION", value_parser = cli::parse_duration_arg, default_value = "30s")]
+        /// With --reply: how long to wait for the replies (1ms to 49 days); tasks not started by then expire.
+        #[arg(long, requires = "reply", value_name = "DURATION", value_parser = cli::parse_reply_timeout, default_value = "30s")]
         timeout: Duration,
         /// `-` reads the body from standard input (also the default without --body or --file).
         #[arg(value_name = "-", id = "stdin")]
@@ -108,7 +108,8 @@ enum Command {
 enum DeadAction {
     /// List dead letters, leaving them in place.
     List {
-        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        /// Broker URL [default: $AMQP_URL when set and not empty, else the config's].
+        #[arg(long)]
         url: Option<String>,
         #[arg(long)]
         queue: String,
@@ -120,7 +121,8 @@ enum DeadAction {
     },
     /// Republish dead letters to their queue with attempts reset.
     Replay {
-        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        /// Broker URL [default: $AMQP_URL when set and not empty, else the config's].
+        #[arg(long)]
         url: Option<String>,
         #[arg(long)]
         queue: String,
@@ -129,7 +131,8 @@ enum DeadAction {
     },
     /// Delete all dead letters of a queue.
     Purge {
-        #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+        /// Broker URL [default: $AMQP_URL when set and not empty, else the config's].
+        #[arg(long)]
         url: Option<String>,
         #[arg(long)]
         queue: String,
@@ -172,11 +175,14 @@ fn main() {
             );
         }
     }
-    let named = cli.config.is_some();
-    let config_path = cli
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    // An empty AMQP_EXEC_CONFIG counts as unset, like an empty AMQP_URL.
+    let config = cli.config.clone().or_else(|| {
+        std::env::var_os("AMQP_EXEC_CONFIG")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    let named = config.is_some();
+    let config_path = config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -203,6 +209,20 @@ fn main() {
 
 fn amqp_url_env() -> Option<String> {
     std::env::var("AMQP_URL").ok().filter(|s| !s.is_empty())
+}
+
+/// The broker of `publish` and `dead`: `--url` (a bad one is a usage
+/// error), else AMQP_URL, else the config's.
+fn cli_broker(
+    flag: Option<String>,
+    config_path: &std::path::Path,
+    named: bool,
+) -> Result<config::BrokerConfig, Failure> {
+    if let Some(u) = &flag {
+        amqp_exec::broker::parse_uri(u).map_err(|e| Failure::new(2, format!("--url: {e}")))?;
+    }
+    let url = flag.or_else(amqp_url_env);
+    cli::broker_for_cli(url.as_deref(), config_path, named)
 }
 
 async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result<(), Failure> {
@@ -256,26 +276,25 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
                     ),
                 ));
             }
-            let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
-            cli::publish(
-                &broker,
-                PublishArgs {
-                    queue,
-                    exchange,
-                    routing_key,
-                    body,
-                    file,
-                    lines,
-                    count,
-                    headers,
-                    message_id,
-                    content_type,
-                    transient,
-                    declare,
-                    reply_timeout: reply.then_some(timeout),
-                },
-            )
-            .await
+            let args = PublishArgs {
+                queue,
+                exchange,
+                routing_key,
+                body,
+                file,
+                lines,
+                count,
+                headers,
+                message_id,
+                content_type,
+                transient,
+                declare,
+                reply_timeout: reply.then_some(timeout),
+            };
+            // Usage errors first, before the config is read.
+            cli::check_publish_args(&args)?;
+            let broker = cli_broker(url, &config_path, named)?;
+            cli::publish(&broker, args).await
         }
         Command::Dead { action } => match action {
             DeadAction::List {
@@ -284,15 +303,15 @@ async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result
                 limit,
                 json,
             } => {
-                let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+                let broker = cli_broker(url, &config_path, named)?;
                 cli::dead_list(&broker, &queue, limit, json).await
             }
             DeadAction::Replay { url, queue, limit } => {
-                let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+                let broker = cli_broker(url, &config_path, named)?;
                 cli::dead_replay(&broker, &queue, limit).await
             }
             DeadAction::Purge { url, queue, yes } => {
-                let broker = cli::broker_for_cli(url.as_deref(), &config_path, named)?;
+                let broker = cli_broker(url, &config_path, named)?;
                 cli::dead_purge(&broker, &queue, yes).await
             }
         },

@@ -444,3 +444,484 @@ async fn publish_cli_lines_headers_ids_and_unroutable() {
     assert!(stderr.contains("unroutable"), "{stderr}");
     broker.cleanup().await;
 }
+
+/// Runs the binary with `env` (name, value) set, in `dir` if given; kills it
+/// and fails the test if it runs longer than `limit`.
+fn cli_with(
+    args: &[&str],
+    env: &[(&str, &str)],
+    dir: Option<&std::path::Path>,
+    limit: Duration,
+) -> (i32, String, String) {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("AMQP_URL", amqp_url())
+        .env_remove("AMQP_EXEC_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd.spawn().expect("run amqp-exec");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "amqp-exec {args:?} still ran after {limit:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_usage_errors_exit_2_name_the_flag_and_publish_nothing() {
+    let mut broker = Broker::connect().await;
+    let q = unique("usage");
+    broker.declare(&q).await;
+    let long = "x".repeat(256);
+    let header = format!("{long}=v");
+    // Fits alone; "-1000" makes the last of 1000 ids 256 bytes.
+    let id = "i".repeat(251);
+    let q251 = "q".repeat(251);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["publish", "--queue", &long, "--body", "x"], "--queue"),
+        (
+            vec!["publish", "--exchange", &long, "--body", "x"],
+            "--exchange",
+        ),
+        (
+            vec![
+                "publish",
+                "--exchange",
+                "e",
+                "--routing-key",
+                &long,
+                "--body",
+                "x",
+            ],
+            "--routing-key",
+        ),
+        (
+            vec!["publish", "--queue", &q, "--header", &header, "--body", "x"],
+            "--header",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--message-id",
+                &long,
+                "--body",
+                "x",
+            ],
+            "--message-id",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--message-id",
+                &id,
+                "--count",
+                "1000",
+                "--body",
+                "x",
+            ],
+            "--message-id",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--message-id",
+                &id,
+                "--lines",
+                "-",
+            ],
+            "--message-id",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--content-type",
+                &long,
+                "--body",
+                "x",
+            ],
+            "--content-type",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--routing-key",
+                "k",
+                "--body",
+                "x",
+            ],
+            "--routing-key",
+        ),
+        (
+            vec![
+                "publish",
+                "--exchange",
+                "amq.direct",
+                "--declare",
+                "--body",
+                "x",
+            ],
+            "--declare",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--reply",
+                "--timeout",
+                "0s",
+                "--body",
+                "x",
+            ],
+            "--timeout",
+        ),
+        (
+            vec![
+                "publish",
+                "--queue",
+                &q,
+                "--reply",
+                "--timeout",
+                "10000d",
+                "--body",
+                "x",
+            ],
+            "--timeout",
+        ),
+        (
+            vec!["publish", "--queue", &q, "--url", "garbage", "--body", "x"],
+            "--url",
+        ),
+        (vec!["dead", "list", "--queue", &q251], "--queue"),
+        (vec!["dead", "replay", "--queue", &q251], "--queue"),
+        (vec!["dead", "purge", "--queue", &q251, "--yes"], "--queue"),
+        (
+            vec!["--config", "/nonexistent.toml", "run", "--max-jobs", "0"],
+            "--max-jobs",
+        ),
+    ];
+    for (args, flag) in cases {
+        // The --lines case: 1000 lines.
+        let stdin = "line\n".repeat(1000);
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .env("AMQP_URL", amqp_url())
+            .env_remove("AMQP_EXEC_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                let _ = c.stdin.take().unwrap().write_all(stdin.as_bytes());
+                c.wait_with_output()
+            })
+            .expect("run amqp-exec");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert_eq!(broker.count(&q).await, Some(0), "nothing was published");
+    // The longest ids that fit are taken.
+    let id = "i".repeat(250);
+    let (status, stdout, stderr) = cli(
+        &[
+            "publish",
+            "--queue",
+            &q,
+            "--message-id",
+            &id,
+            "--count",
+            "1000",
+            "--body",
+            "x",
+        ],
+        None,
+    );
+    assert!(status.success(), "{stdout}{stderr}");
+    assert_eq!(broker.count(&q).await, Some(1000));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_amqp_exec_config_is_unset_and_urls_name_their_source() {
+    let mut broker = Broker::connect().await;
+    let q = unique("envcfg");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let limit = Duration::from_secs(30);
+    // An empty AMQP_EXEC_CONFIG counts as unset.
+    let (code, stdout, stderr) = cli_with(
+        &["publish", "--queue", &q, "--body", "x"],
+        &[("AMQP_EXEC_CONFIG", "")],
+        None,
+        limit,
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(broker.count(&q).await, Some(1));
+
+    let good = work.write(
+        "good.toml",
+        "[[queue]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ndeclare = false\n",
+    );
+    let bad_file = work.write(
+        "badurl.toml",
+        "[broker]\nurl = \"amqp://u:filesecret@h:x/\"\n[[queue]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n",
+    );
+    let bad_env = "amqp://u:envsecret@h:y/";
+    // A bad AMQP_URL names AMQP_URL, not the file's key.
+    let (code, stdout, stderr) = cli_with(
+        &["--config", good.to_str().unwrap(), "check"],
+        &[("AMQP_URL", bad_env)],
+        None,
+        limit,
+    );
+    let out = format!("{stdout}{stderr}");
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("AMQP_URL") && !out.contains("`url`"), "{out}");
+    assert!(!out.contains("envsecret"), "{out}");
+    // A bad url in the file shows although AMQP_URL replaces it.
+    let (code, stdout, stderr) = cli_with(
+        &["--config", bad_file.to_str().unwrap(), "check"],
+        &[],
+        None,
+        limit,
+    );
+    let out = format!("{stdout}{stderr}");
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("badurl.toml") && out.contains("`url`"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("filesecret") && !out.contains("all good"),
+        "{out}"
+    );
+    // publish: --url is a usage error, AMQP_URL a config error.
+    let (code, _, stderr) = cli_with(
+        &["publish", "--queue", &q, "--url", bad_env, "--body", "x"],
+        &[],
+        None,
+        limit,
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--url") && !stderr.contains("envsecret"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli_with(
+        &["publish", "--queue", &q, "--body", "x"],
+        &[("AMQP_URL", bad_env)],
+        None,
+        limit,
+    );
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("AMQP_URL") && !stderr.contains("envsecret"),
+        "{stderr}"
+    );
+    assert_eq!(broker.count(&q).await, Some(1));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_list_and_replay_end_when_the_connection_is_lost() {
+    let mut broker = Broker::connect().await;
+    let q = unique("lost");
+    let dead = format!("{q}.dead");
+    broker.declare(&q).await;
+    broker.declare(&dead).await;
+    broker.publish_id(&dead, "good-1", b"a").await;
+    // lapin cannot parse a delivery whose message id is not UTF-8: it drops
+    // the connection, and a pending basic.get is never answered.
+    common::raw::publish_with_raw_message_id(&dead, &[0xff, 0x80, 0xfe], b"raw");
+    broker.publish_id(&dead, "good-2", b"b").await;
+    for action in ["list", "replay"] {
+        let (code, stdout, stderr) = cli_with(
+            &["dead", action, "--queue", &q],
+            &[],
+            None,
+            Duration::from_secs(30),
+        );
+        assert_eq!(code, 1, "dead {action}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("lost the connection to the broker"),
+            "dead {action}: {stderr}"
+        );
+    }
+    broker.cleanup().await;
+}
+
+/// The Cargo.toml assets of the Debian package: (source, destination, mode).
+fn deb_assets() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(repo("Cargo.toml")).unwrap();
+    let manifest: toml::Table = toml::from_str(&text).unwrap();
+    manifest["package"]["metadata"]["deb"]["assets"]
+        .as_array()
+        .expect("assets")
+        .iter()
+        .map(|a| {
+            let a = a
+                .as_array()
+                .expect("an asset is [source, destination, mode]");
+            let s = |i: usize| a[i].as_str().unwrap().to_owned();
+            (s(0), s(1), s(2))
+        })
+        .collect()
+}
+
+#[test]
+fn packaged_example_names_installed_workers_and_passes_check() {
+    const INSTALLED: &str = "/usr/share/amqp-exec/workers/";
+    let assets = deb_assets();
+    let (source, _, _) = assets
+        .iter()
+        .find(|(_, dest, _)| dest == "etc/amqp-exec/example.toml")
+        .expect("the package installs /etc/amqp-exec/example.toml");
+    let packaged = std::fs::read_to_string(repo(source)).unwrap();
+    let quickstart = std::fs::read_to_string(repo("deploy/example.toml")).unwrap();
+    // The same config as the quick start's, past the header comment, with
+    // the workers at their installed paths.
+    let body = |t: &str| t[t.find("\n\n").expect("a header comment")..].to_owned();
+    assert_eq!(
+        body(&packaged),
+        body(&quickstart).replace("\"workers/", &format!("\"{INSTALLED}")),
+        "{source} must be deploy/example.toml with the installed worker paths"
+    );
+    // Every worker it names is installed there, executable.
+    let mut named = 0;
+    for piece in packaged.split(&format!("\"{INSTALLED}")).skip(1) {
+        let name = &piece[..piece.find('"').unwrap()];
+        named += 1;
+        assert!(
+            assets
+                .iter()
+                .any(|(src, dest, mode)| src == &format!("workers/{name}")
+                    && dest == INSTALLED.trim_start_matches('/')
+                    && mode == "755"),
+            "{INSTALLED}{name} is not installed by the package"
+        );
+    }
+    assert!(named >= 1);
+    // `check` passes where the workers exist, run from another directory
+    // like the service (WorkingDirectory=/var/lib/amqp-exec).
+    let work = Workdir::new();
+    let config = work.write(
+        "example.toml",
+        &packaged.replace(INSTALLED, &format!("{}/", repo("workers"))),
+    );
+    let (code, stdout, stderr) = cli_with(
+        &["--config", config.to_str().unwrap(), "check"],
+        &[],
+        Some(work.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("all good"), "{stdout}");
+    // The quick start's relative path would fail there.
+    let relative = work.write("relative.toml", &quickstart);
+    let (code, stdout, _) = cli_with(
+        &["--config", relative.to_str().unwrap(), "check"],
+        &[],
+        Some(work.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 1, "{stdout}");
+}
+
+/// Runs a maintainer script of deploy/debian with `systemctl`, `getent` and
+/// `adduser` replaced by stubs that log their arguments, and systemd taken
+/// to be running; the calls it made.
+fn run_maintainer_script(name: &str, args: &[&str]) -> String {
+    let work = Workdir::new();
+    let log = work.file("calls");
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for stub in ["systemctl", "getent", "adduser"] {
+        let path = bin.join(stub);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"{stub} $*\" >> '{}'\n", log.display()),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let running = work.path().join("run-systemd-system");
+    std::fs::create_dir(&running).unwrap();
+    let text = std::fs::read_to_string(repo(&format!("deploy/debian/{name}"))).unwrap();
+    assert!(text.contains("/run/systemd/system"), "{name}");
+    let script = work.write(
+        name,
+        &text.replace("/run/systemd/system", running.to_str().unwrap()),
+    );
+    let status = std::process::Command::new("sh")
+        .arg(&script)
+        .args(args)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "{name} {args:?}: {status}");
+    std::fs::read_to_string(&log).unwrap_or_default()
+}
+
+#[test]
+fn maintainer_scripts_restart_on_upgrade_and_stop_and_disable_on_removal() {
+    let install = run_maintainer_script("postinst", &["configure", ""]);
+    assert!(install.contains("systemctl daemon-reload"), "{install}");
+    assert!(
+        !install.contains("restart") && !install.contains("start "),
+        "{install}"
+    );
+    let upgrade = run_maintainer_script("postinst", &["configure", "0.0.9-1"]);
+    assert!(
+        upgrade.contains("systemctl try-restart amqp-exec.service amqp-exec@*.service"),
+        "{upgrade}"
+    );
+    let removal = run_maintainer_script("prerm", &["remove"]);
+    assert!(
+        removal.contains("systemctl stop amqp-exec.service amqp-exec@*.service"),
+        "{removal}"
+    );
+    assert!(
+        removal.contains("systemctl disable amqp-exec.service amqp-exec@.service"),
+        "{removal}"
+    );
+    let upgrading = run_maintainer_script("prerm", &["upgrade", "0.2.0-1"]);
+    assert!(upgrading.is_empty(), "{upgrading}");
+    let purge = run_maintainer_script("postrm", &["purge"]);
+    assert!(purge.contains("systemctl daemon-reload"), "{purge}");
+}
