@@ -37,6 +37,10 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.file.as_os_str().is_empty() {
+            // Not from a file: the message names its source (AMQP_URL).
+            return f.write_str(&self.message);
+        }
         write!(
             f,
             "config error in {}: {}",
@@ -55,6 +59,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// Cap on running workers across all queues.
     pub max_workers: usize,
+    /// `max_workers` was set; else it is the sum of the queues' `concurrency`.
+    pub max_workers_set: bool,
     /// How long running workers may finish after SIGTERM before they are killed.
     pub shutdown_grace: Duration,
     /// Address of the Prometheus endpoint, if any.
@@ -291,7 +297,7 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
     };
     let raw: RawFile = toml::from_str(text).map_err(|e| err(one_line(&e.to_string())))?;
 
-    let broker = parse_broker(raw.broker, amqp_url, path).map_err(err)?;
+    let broker = parse_broker(raw.broker, amqp_url, path)?;
 
     let defaults_table = raw.defaults.unwrap_or_default();
     if defaults_table.contains_key("name") {
@@ -356,17 +362,57 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         file: path.to_owned(),
         broker,
         max_workers,
+        max_workers_set: raw.max_workers.is_some(),
         shutdown_grace,
         metrics_listen,
         queues,
     })
 }
 
+/// The `[broker]` table, its URLs replaced by `amqp_url` (AMQP_URL) when
+/// set. The file's URLs are checked first, so that a mistake there shows
+/// even while AMQP_URL replaces them; a bad AMQP_URL is reported as such.
 fn parse_broker(
     raw: Option<RawBroker>,
     amqp_url: Option<&str>,
     path: &Path,
-) -> Result<BrokerConfig, String> {
+) -> Result<BrokerConfig, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.to_owned(),
+        message,
+    };
+    parse_broker_table(raw, amqp_url, path).map_err(|e| match e {
+        UrlSource::File(m) => err(m),
+        UrlSource::Env(m) => ConfigError {
+            file: PathBuf::new(),
+            message: m,
+        },
+    })
+}
+
+/// Where a broker setting error comes from.
+enum UrlSource {
+    File(String),
+    Env(String),
+}
+
+impl From<String> for UrlSource {
+    fn from(m: String) -> Self {
+        UrlSource::File(m)
+    }
+}
+
+impl From<&str> for UrlSource {
+    fn from(m: &str) -> Self {
+        UrlSource::File(m.to_owned())
+    }
+}
+
+fn parse_broker_table(
+    raw: Option<RawBroker>,
+    amqp_url: Option<&str>,
+    path: &Path,
+) -> Result<BrokerConfig, UrlSource> {
     let raw = raw.unwrap_or(RawBroker {
         url: None,
         urls: None,
@@ -374,25 +420,34 @@ fn parse_broker(
         connect_timeout: None,
         tls: None,
     });
-    let mut urls = match (raw.url, raw.urls) {
+    let (urls, key) = match (raw.url, raw.urls) {
         (Some(_), Some(_)) => {
             return Err("[broker]: give either `url` or `urls`, not both".into());
         }
-        (Some(u), None) => vec![u],
-        (None, Some(list)) => list,
-        (None, None) => vec![DEFAULT_URL.to_owned()],
+        (Some(u), None) => (vec![u], "url"),
+        (None, Some(list)) => (list, "urls"),
+        (None, None) => (vec![DEFAULT_URL.to_owned()], "url"),
     };
-    if let Some(u) = amqp_url.filter(|u| !u.is_empty()) {
-        urls = vec![u.to_owned()];
-    }
     if urls.is_empty() {
         return Err("[broker] key `urls`: the list is empty".into());
     }
     let mut tls_wanted = false;
     for u in &urls {
-        let uri = crate::broker::parse_uri(u).map_err(|e| format!("[broker] key `url`: {e}"))?;
+        let uri = crate::broker::parse_uri(u).map_err(|e| format!("[broker] key `{key}`: {e}"))?;
         tls_wanted |= uri.scheme == lapin::uri::AMQPScheme::AMQPS;
     }
+    let urls = match amqp_url.filter(|u| !u.is_empty()) {
+        Some(u) => {
+            let uri = crate::broker::parse_uri(u).map_err(|e| {
+                UrlSource::Env(format!(
+                    "the AMQP_URL environment variable (it replaces the config's broker URLs): {e}"
+                ))
+            })?;
+            tls_wanted = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+            vec![u.to_owned()]
+        }
+        None => urls,
+    };
     let heartbeat = match raw.heartbeat {
         Some(s) => parse_duration(&s).map_err(|m| format!("[broker] key `heartbeat`: {m}"))?,
         None => Duration::from_secs(30),
@@ -704,8 +759,18 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     if !(n.is_finite() && n > 0.0) {
         return Err(bad());
     }
-    Ok(n / per)
+    let rate = n / per;
+    // Starts are spaced 1/rate apart: keep that within what a timer holds.
+    if !(rate.is_finite() && rate >= MIN_RATE) {
+        return Err(format!(
+            "rate {s:?} is out of range: at least one per 49 days, e.g. \"1/h\""
+        ));
+    }
+    Ok(rate)
 }
+
+/// Lowest `max_rate`, per second: one start per 49 days.
+const MIN_RATE: f64 = 1.0 / (49.0 * 86_400.0);
 
 fn size_of(raw: RawSize) -> Result<u64, String> {
     match raw {
@@ -880,6 +945,51 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.broker.urls, vec!["amqp://u:p@h2/%2f".to_string()]);
+    }
+
+    #[test]
+    fn file_urls_are_checked_before_amqp_url_and_errors_name_their_source() {
+        let q = "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n";
+        let path = Path::new("c.toml");
+        // A bad AMQP_URL is reported as AMQP_URL, not as the file's key.
+        let e = parse(q, path, Some("amqp://u:topsecret@h:notaport/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AMQP_URL"), "{e}");
+        assert!(!e.contains("c.toml") && !e.contains("`url`"), "{e}");
+        assert!(!e.contains("topsecret") && e.contains("u:***@"), "{e}");
+        // A bad URL in the file is reported even with a good AMQP_URL.
+        for (broker, key) in [
+            ("url = \"amqp://u:hidden@h:bad/\"", "`url`"),
+            (
+                "urls = [\"amqp://h1/%2f\", \"amqp://u:hidden@h:bad/\"]",
+                "`urls`",
+            ),
+        ] {
+            let text = format!("[broker]\n{broker}\n{q}");
+            let e = parse(&text, path, Some("amqp://u:p@h2/%2f"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("c.toml") && e.contains(key), "{e}");
+            assert!(!e.contains("hidden") && !e.contains("AMQP_URL"), "{e}");
+        }
+        // Both bad: the file's error first.
+        let e = parse(
+            &format!("[broker]\nurl = \"nope\"\n{q}"),
+            path,
+            Some("also-nope"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.toml") && e.contains("`url`"), "{e}");
+        // An amqp:// AMQP_URL over an amqps:// file URL needs no TLS.
+        let c = parse(
+            &format!("[broker]\nurl = \"amqps://h1/%2f\"\n{q}"),
+            path,
+            Some("amqp://h2/%2f"),
+        )
+        .unwrap();
+        assert!(c.broker.tls.is_none());
     }
 
     fn error_of(text: &str) -> String {
@@ -1064,9 +1174,16 @@ mod tests {
         assert_eq!(q.arguments["x-max-length"], ArgValue::Int(1000));
         assert_eq!(q.bindings[0].kind, "topic");
         assert_eq!(parse_rate("120/m").unwrap(), 2.0);
-        for bad in ["14", "0/s", "x/s", "1/y"] {
+        for bad in [
+            "14", "0/s", "x/s", "1/y", "1e-20/s", "1e-7/s", "inf/s", "NaN/s", "1e309/s",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
+        // One per 49 days is the lowest rate.
+        assert!(parse_rate("0.00086/h").is_ok());
+        assert!(parse_rate("0.00084/h").is_err());
+        let e = error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nmax_rate = \"1e-20/s\"\n");
+        assert!(e.contains("`max_rate`") && e.contains("49 days"), "{e}");
         let e = error_of(
             "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[[queue.bind]]\nexchange = \"e\"\ntype = \"weird\"\n",
         );
