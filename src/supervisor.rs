@@ -76,21 +76,8 @@ impl QueueState {
     fn replacing(cfg: QueueConfig, shared: &Shared, old: Option<&QueueState>) -> Self {
         let slots = match old {
             Some(o) => {
-                let slots = o.slots.clone();
-                let (was, now) = (o.cfg.concurrency, cfg.concurrency);
-                if now > was {
-                    slots.add_permits(now - was);
-                } else if now < was {
-                    // Concurrency is at most 65535 (config), so it fits.
-                    let surplus = (was - now) as u32;
-                    let taken = slots.clone();
-                    tokio::spawn(async move {
-                        if let Ok(permits) = taken.acquire_many_owned(surplus).await {
-                            permits.forget();
-                        }
-                    });
-                }
-                slots
+                resize(&o.slots, o.cfg.concurrency, cfg.concurrency);
+                o.slots.clone()
             }
             None => Arc::new(Semaphore::new(cfg.concurrency)),
         };
@@ -133,10 +120,31 @@ impl QueueState {
     }
 }
 
+/// Resizes a semaphore of `was` permits to `now`. Fewer permits are taken
+/// as running jobs give theirs back, so that those jobs finish first.
+fn resize(slots: &Arc<Semaphore>, was: usize, now: usize) {
+    if now > was {
+        slots.add_permits(now - was);
+    } else if now < was {
+        // Both are at most MAX_WORKERS (config), so the surplus fits.
+        let surplus = (was - now) as u32;
+        let taken = slots.clone();
+        tokio::spawn(async move {
+            if let Ok(permits) = taken.acquire_many_owned(surplus).await {
+                permits.forget();
+            }
+        });
+    }
+}
+
 /// State shared by the connection loop, the consumer loops and the jobs.
 pub struct Shared {
     /// `max_workers` permits.
     pub global: Arc<Semaphore>,
+    /// Their number, and whether the config set it: when it did not, it is
+    /// the sum of the queues' `concurrency` and follows reloads.
+    global_size: Mutex<usize>,
+    max_workers_set: bool,
     pub stop: CancellationToken,
     pub interrupt: CancellationToken,
     /// When jobs still settling after `interrupt` are given up.
@@ -170,6 +178,8 @@ impl Shared {
     fn new(cfg: &Config, opts: &RunOptions) -> Self {
         Shared {
             global: Arc::new(Semaphore::new(cfg.max_workers)),
+            global_size: Mutex::new(cfg.max_workers),
+            max_workers_set: cfg.max_workers_set,
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             settle_deadline: OnceLock::new(),
@@ -679,6 +689,12 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
         systemd::notify_reloading();
     }
     *shared.shutdown_grace.lock().expect("not poisoned") = cfg.shutdown_grace;
+    if !shared.max_workers_set {
+        let total: usize = cfg.queues.iter().map(|q| q.concurrency).sum();
+        let mut size = shared.global_size.lock().expect("not poisoned");
+        resize(&shared.global, *size, total);
+        *size = total;
+    }
     let mut current = shared.queues.write().expect("not poisoned");
     let mut next = Vec::with_capacity(cfg.queues.len());
     let mut started = Vec::new();
@@ -713,7 +729,7 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
     }
     *current = next;
     tracing::info!(
-        "reload done: {} queue(s); [broker], max_workers and [metrics] change only on restart",
+        "reload done: {} queue(s); [broker], a max_workers key and [metrics] change only on restart",
         current.len()
     );
     if notify {

@@ -751,6 +751,42 @@ async fn sighup_adds_and_removes_queues_while_running_workers_finish() {
 
 /// A reload that lowers a queue's concurrency holds while the workers it
 /// already runs finish: new jobs start only below the new limit.
+/// Without a `max_workers` key the cap is the sum of all `concurrency`, and
+/// a reload that adds a queue raises it: the new queue's workers start
+/// beside the running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adding_a_queue_raises_the_default_max_workers() {
+    let mut broker = Broker::connect().await;
+    let (a, b) = (unique("cap-a"), unique("cap-b"));
+    broker.declare(&a).await;
+    broker.declare(&b).await;
+    let work = Workdir::new();
+    let first = starting_queue(&a, 1, "5", "");
+    let mut sup = Supervisor::start(&work, &first, &[]);
+    broker.publish_id(&a, "slow", b"x").await;
+    wait_starts(&work, 1, Duration::from_secs(20)).await;
+    let t = Instant::now();
+    work.write(
+        "config.toml",
+        &format!("{first}{}", starting_queue(&b, 2, "0", "")),
+    );
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(10)).await;
+    broker.publish_id(&b, "b1", b"x").await;
+    broker.publish_id(&b, "b2", b"x").await;
+    wait_starts(&work, 3, Duration::from_secs(20)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the added queue waited for the running job: {:?}",
+        t.elapsed()
+    );
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 3 published = 3 done.
+    assert_eq!(work.ledger().len(), 3);
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_lowering_concurrency_waits_for_running_workers() {
     let mut broker = Broker::connect().await;
