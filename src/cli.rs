@@ -757,6 +757,18 @@ fn random_id() -> String {
 
 /// `amqp-exec check`: the config is valid, every command can be started, and
 /// the broker answers. Prints one line per finding.
+/// The queues a queue's jobs use: the work queue, its dead-letter queue, and
+/// the retry queues of the delays its attempts can reach.
+fn queues_used(q: &config::QueueConfig) -> Vec<String> {
+    let retries = (q.policy.max_attempts as usize - 1).min(q.policy.backoff.len());
+    let delays: std::collections::BTreeSet<Duration> =
+        q.policy.backoff[..retries].iter().copied().collect();
+    [q.name.clone(), q.dead_queue()]
+        .into_iter()
+        .chain(delays.into_iter().map(|d| q.retry_queue(d)))
+        .collect()
+}
+
 pub async fn check(cfg: &Config) -> Result<(), Failure> {
     let mut problems = 0;
     println!(
@@ -797,17 +809,19 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
         Ok(session) => {
             println!("broker: connected");
             for q in cfg.queues.iter().filter(|q| !q.declare) {
-                // Each on a channel of its own: a missing queue closes it.
-                let ch = match session.lost.race(channel_on(&session.conn)).await? {
-                    Ok(ch) => ch,
-                    Err(_) => session.channel.clone(),
-                };
-                if let Err(e) = session.lost.race(broker::queue_depth(&ch, &q.name)).await? {
-                    println!(
-                        "queue \"{}\": error: declare = false but the queue is not usable: {e}",
-                        q.name
-                    );
-                    problems += 1;
+                for name in queues_used(q) {
+                    // Each on a channel of its own: a missing queue closes it.
+                    let ch = match session.lost.race(channel_on(&session.conn)).await? {
+                        Ok(ch) => ch,
+                        Err(_) => session.channel.clone(),
+                    };
+                    if let Err(e) = session.lost.race(broker::queue_depth(&ch, &name)).await? {
+                        println!(
+                            "queue \"{}\": error: declare = false but \"{name}\" is not usable: {e}",
+                            q.name
+                        );
+                        problems += 1;
+                    }
                 }
             }
             session.close().await;
@@ -1125,6 +1139,24 @@ fn check_reply_timeout(d: Duration) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_looks_at_the_retry_queues_attempts_can_reach() {
+        let cfg = config::parse(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nmax_attempts = 3\nbackoff = [\"1s\", \"5s\", \"1m\"]\n\
+             [[queue]]\nname = \"b\"\ncommand = [\"x\"]\nmax_attempts = 1\n\
+             [[queue]]\nname = \"c\"\ncommand = [\"x\"]\nmax_attempts = 9\nbackoff = [\"2s\"]\n",
+            std::path::Path::new("c.toml"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            queues_used(&cfg.queues[0]),
+            ["a", "a.dead", "a.retry.1s", "a.retry.5s"]
+        );
+        assert_eq!(queues_used(&cfg.queues[1]), ["b", "b.dead"]);
+        assert_eq!(queues_used(&cfg.queues[2]), ["c", "c.dead", "c.retry.2s"]);
+    }
 
     #[test]
     fn reply_timeout_is_a_valid_message_ttl() {

@@ -4,7 +4,7 @@
 //! confirmed republish to the retry or dead-letter queue. Anything else puts
 //! it back in its queue.
 
-use crate::config::OnConnectionLoss;
+use crate::config::{OnConnectionLoss, QueueType};
 use crate::headers;
 use crate::metrics::{self, QueueStats};
 use crate::policy::{self, Decision, Outcome};
@@ -56,10 +56,14 @@ pub async fn handle(
     let cfg = &queue.cfg;
     let props = &delivery.properties;
     let hdrs = props.headers().as_ref();
-    let attempt = policy::attempt_number(
-        headers::int(hdrs, ATTEMPT_HEADER),
-        headers::int(hdrs, DELIVERY_COUNT_HEADER),
-    );
+    // Only a quorum queue counts redeliveries; on another queue the header
+    // can only come from a publisher (a message forwarded from a quorum
+    // queue, say), and would count runs that never happened here.
+    let delivery_count = match cfg.queue_type {
+        QueueType::Quorum => headers::int(hdrs, DELIVERY_COUNT_HEADER),
+        QueueType::Classic => None,
+    };
+    let attempt = policy::attempt_number(headers::int(hdrs, ATTEMPT_HEADER), delivery_count);
     let log = LogContext {
         queue: queue.name.clone(),
         message_id: props
@@ -71,6 +75,7 @@ pub async fn handle(
     };
 
     metrics::inc(&queue.stats.running);
+    shared.worker_started();
     let result = if policy::exhausted(attempt, &cfg.policy) {
         tracing::warn!(
             queue = %log.queue, message_id = %log.message_id, attempt,
@@ -122,6 +127,7 @@ pub async fn handle(
         runner::run(job, &shared.interrupt, connection_lost).await
     };
     metrics::dec(&queue.stats.running);
+    shared.worker_ended();
     if result.pid.is_some() {
         queue.stats.observe_duration(result.elapsed);
         queue.stats.count_exit(result.outcome.label());

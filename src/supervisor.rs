@@ -12,7 +12,7 @@ use futures_lite::StreamExt;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -147,8 +147,12 @@ pub struct Shared {
     max_workers_set: bool,
     pub stop: CancellationToken,
     pub interrupt: CancellationToken,
-    /// When jobs still settling after `interrupt` are given up.
-    settle_deadline: OnceLock<tokio::time::Instant>,
+    /// When jobs still settling after `interrupt` are given up; see
+    /// [`Shared::settle_deadline`].
+    settle_deadline: Mutex<Option<Settle>>,
+    /// Workers running now (processes, not jobs: a job may still be
+    /// settling after its worker ended).
+    workers: AtomicUsize,
     /// Every running job.
     pub tracker: TaskTracker,
     pub stats: GlobalStats,
@@ -182,7 +186,8 @@ impl Shared {
             max_workers_set: cfg.max_workers_set,
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
-            settle_deadline: OnceLock::new(),
+            settle_deadline: Mutex::new(None),
+            workers: AtomicUsize::new(0),
             tracker: TaskTracker::new(),
             stats: GlobalStats::default(),
             max_jobs: opts.max_jobs,
@@ -280,6 +285,49 @@ impl Shared {
             systemd::notify_ready(self.waiting.load(Ordering::SeqCst));
             self.ready_sent.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// The settle limit after `interrupt`: the stopped workers' longest
+/// `kill_grace` (then SIGKILL) and pipe drain, plus SETTLE_AFTER_INTERRUPT;
+/// or SETTLE_AFTER_INTERRUPT from when the last worker was gone, if sooner.
+struct Settle {
+    deadline: tokio::time::Instant,
+    workers_gone: bool,
+}
+
+impl Shared {
+    /// A worker process starts; [`Shared::worker_ended`] when it is gone.
+    pub fn worker_started(&self) {
+        self.workers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn worker_ended(&self) {
+        self.workers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// When jobs still settling after `interrupt` are given up: one limit
+    /// for every wait, so that a later wait does not add to it.
+    fn settle_deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let mut settle = self.settle_deadline.lock().expect("not poisoned");
+        let s = settle.get_or_insert_with(|| {
+            let kill_grace = self
+                .queues()
+                .iter()
+                .map(|q| q.cfg.kill_grace)
+                .max()
+                .unwrap_or_default();
+            Settle {
+                deadline: now + kill_grace + runner::PIPE_DRAIN_LIMIT + SETTLE_AFTER_INTERRUPT,
+                workers_gone: false,
+            }
+        });
+        if !s.workers_gone && self.workers.load(Ordering::SeqCst) == 0 {
+            s.workers_gone = true;
+            s.deadline = s.deadline.min(now + SETTLE_AFTER_INTERRUPT);
+        }
+        s.deadline
     }
 }
 
@@ -447,7 +495,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
 
     systemd::notify_stopping();
     let running = shared.tracker.len();
-    if running > 0 && shared.settle_deadline.get().is_none() {
+    if running > 0 && !shared.interrupt.is_cancelled() {
         tracing::info!("waiting for {running} running job(s) to finish");
     }
     wait_for_jobs(&shared).await;
@@ -468,23 +516,16 @@ async fn wait_for_jobs(shared: &Shared) {
     shared.tracker.close();
     let given_up = async {
         shared.interrupt.cancelled().await;
-        // One limit from the first wait on; a later wait does not add to it.
-        // It starts once the stopped workers are surely gone: after the
-        // longest `kill_grace` (then SIGKILL) and the time to drain their pipes.
-        let deadline = *shared.settle_deadline.get_or_init(|| {
-            let kill_grace = shared
-                .queues()
-                .iter()
-                .map(|q| q.cfg.kill_grace)
-                .max()
-                .unwrap_or_default();
-            tokio::time::Instant::now()
-                + kill_grace
-                + runner::PIPE_DRAIN_LIMIT
-                + SETTLE_AFTER_INTERRUPT
-        });
-        let passed = tokio::time::Instant::now() >= deadline;
-        tokio::time::sleep_until(deadline).await;
+        let passed = tokio::time::Instant::now() >= shared.settle_deadline();
+        loop {
+            let deadline = shared.settle_deadline();
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // The deadline moves closer once the last worker is gone.
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(50))).await;
+        }
         passed
     };
     tokio::select! {

@@ -176,20 +176,30 @@ async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
     let mut broker = Broker::connect().await;
     let q = unique("exhausted");
     broker.declare(&q).await;
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(
-        "x-amqp-exec-attempt".into(),
-        lapin::types::AMQPValue::LongInt(2),
-    );
-    // As a quorum queue counts one return of a run cut short.
-    headers.insert(
-        "x-delivery-count".into(),
-        lapin::types::AMQPValue::LongLongInt(1),
-    );
-    let props = lapin::BasicProperties::default()
-        .with_message_id("cut-short".into())
-        .with_headers(headers);
-    broker.publish(&q, b"0", props).await;
+    let with_headers = |id: &str, attempt: i32, delivery_count: i64| {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "x-amqp-exec-attempt".into(),
+            lapin::types::AMQPValue::LongInt(attempt),
+        );
+        headers.insert(
+            "x-delivery-count".into(),
+            lapin::types::AMQPValue::LongLongInt(delivery_count),
+        );
+        lapin::BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(headers)
+    };
+    // Past max_attempts = 2 (a lowered max_attempts, or on a quorum queue
+    // its redeliveries of runs cut short).
+    broker
+        .publish(&q, b"0", with_headers("cut-short", 3, 0))
+        .await;
+    // On a classic queue x-delivery-count is a publisher's header, not a
+    // count of runs: it does not count.
+    broker
+        .publish(&q, b"0", with_headers("forwarded", 1, 5))
+        .await;
     broker.publish_id(&q, "fresh", b"0").await;
 
     let work = Workdir::new();
@@ -201,13 +211,18 @@ async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
     let mut sup = Supervisor::start(&work, &config, &[]);
     let dead_q = format!("{q}.dead");
     broker.wait_count(&dead_q, 1, Duration::from_secs(30)).await;
-    work.wait_ledger(1, Duration::from_secs(10)).await;
+    work.wait_ledger(2, Duration::from_secs(10)).await;
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(20)).await;
 
-    let runs = work.ledger();
-    assert_eq!(runs.len(), 1, "only the fresh message ran");
-    assert_eq!(runs[0].id, "fresh");
+    let by_id = runs_by_id(&work.ledger());
+    let attempts = |id: &str| -> Vec<u32> { by_id[id].iter().map(|r| r.attempt).collect() };
+    assert!(
+        !by_id.contains_key("cut-short"),
+        "ran past its last attempt"
+    );
+    assert_eq!(attempts("forwarded"), [1]);
+    assert_eq!(attempts("fresh"), [1]);
     let dead = broker.drain(&dead_q).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(message_id(&dead[0]), "cut-short");
@@ -219,7 +234,7 @@ async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
         header(&dead[0], "x-amqp-exec-attempts").as_deref(),
         Some("3")
     );
-    // Ledger: 2 published = 1 done + 0 waiting + 1 dead.
+    // Ledger: 3 published = 2 done + 0 waiting + 1 dead.
     assert_eq!(broker.count(&q).await, Some(0));
     broker.cleanup().await;
 }
@@ -874,4 +889,27 @@ async fn check_reports_a_missing_command() {
     let (status, stdout, _) = cli(&["--config", cfg.to_str().unwrap(), "check"], None);
     assert!(status.success(), "{stdout}");
     assert!(stdout.contains("all good"));
+
+    // declare = false: the work queue exists, its retry and dead queues not.
+    let mut broker = Broker::connect().await;
+    broker.declare(&q).await;
+    let cfg = work.write(
+        "undeclared.toml",
+        &format!(
+            "[[queue]]\nname = \"{q}\"\ncommand = [\"cat\"]\ndeclare = false\nmax_attempts = 2\nbackoff = [\"1s\"]\n"
+        ),
+    );
+    let (status, stdout, _) = cli(&["--config", cfg.to_str().unwrap(), "check"], None);
+    assert!(!status.success(), "{stdout}");
+    for missing in [format!("{q}.dead"), format!("{q}.retry.1s")] {
+        assert!(
+            stdout.contains(&format!("\"{missing}\" is not usable")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains(&format!("\"{q}\" is not usable")),
+        "{stdout}"
+    );
+    broker.cleanup().await;
 }
