@@ -515,6 +515,80 @@ async fn broker_latency(broker: &Broker, queue: &str, n: usize) -> (f64, f64) {
     p50_p99(lat)
 }
 
+/// One of the performance targets, and what this run reached.
+struct Target {
+    what: String,
+    reached: String,
+    met: bool,
+    /// What bounds it, from figures of the same run.
+    note: String,
+}
+
+/// The targets the benchmark is held to, checked against this run; each
+/// note gives the bound that the baselines of the same run put on it.
+fn targets(rows: &[Row], memory: &[(&str, Ours)]) -> Vec<Target> {
+    let at = |c: usize| rows.iter().find(|r| r.c == c);
+    let mut out = Vec::new();
+    if let Some(r) = at(1) {
+        out.push(Target {
+            what: "concurrency 1: ours/(a) at least 0.80".into(),
+            reached: format!("{:.2}", r.over_spawn),
+            met: r.over_spawn >= 0.80,
+            note: "each job also waits for the ack's round trip through the broker (prefetch 1)"
+                .into(),
+        });
+        if let Some(p) = r.over_peer {
+            let peer_over_spawn = r.peer.unwrap_or(f64::NAN) / r.spawn.rate;
+            out.push(Target {
+                what: "concurrency 1: ours/(c) at least 2".into(),
+                reached: format!("{p:.2}"),
+                met: p >= 2.0,
+                note: format!(
+                    "(c) runs at {peer_over_spawn:.2} of (a): 2x (c) would be {:.2}x what (a) starts one at a time",
+                    2.0 * peer_over_spawn
+                ),
+            });
+        }
+    }
+    if let Some(r) = at(4) {
+        out.push(Target {
+            what: "concurrency 4: ours/(a) at least 0.85".into(),
+            reached: format!("{:.2}", r.over_spawn),
+            met: r.over_spawn >= 0.85,
+            note: format!(
+                "the 2 cores also run the broker ({:.0} µs/job) and the supervisor",
+                r.ours.broker_cpu_us_per_job
+            ),
+        });
+    }
+    for r in rows {
+        let floor = r.spawn.cpu_us_per_job + r.consume.cpu_us_per_job;
+        out.push(Target {
+            what: format!("concurrency {}: supervisor CPU at most 100 µs/job", r.c),
+            reached: format!("{:.0} µs", r.ours.cpu_us_per_job),
+            met: r.ours.cpu_us_per_job <= 100.0,
+            note: format!("(a)cpu + (b)cpu, starting a process plus receiving and acking through lapin: {floor:.0} µs"),
+        });
+    }
+    if let Some(r) = at(1) {
+        out.push(Target {
+            what: "p50 latency publish to worker start at most 1 ms".into(),
+            reached: format!("{:.2} ms", r.p50),
+            met: r.p50 <= 1.0,
+            note: "see the plain consumer's latency above: the broker's and lapin's share".into(),
+        });
+    }
+    if let Some((_, o)) = memory.iter().find(|(label, _)| *label == "1 KiB") {
+        out.push(Target {
+            what: "concurrency 64, 1 KiB: peak RSS at most 30 MiB".into(),
+            reached: format!("{:.1} MiB", o.peak_rss_mib),
+            met: o.peak_rss_mib <= 30.0,
+            note: String::new(),
+        });
+    }
+    out
+}
+
 /// Publishes `n` messages one at a time, 8 ms apart, each with its publish
 /// time in the `published-ns` header.
 async fn publish_stamped(broker: &Broker, queue: &str, n: usize) {
@@ -686,8 +760,27 @@ async fn main() {
         memory.push((label, o));
     }
 
+    let targets = targets(&rows, &memory);
+    println!();
+    println!("targets:");
+    for t in &targets {
+        println!(
+            "  {:<50} {:>9}  {:<7} {}",
+            t.what,
+            t.reached,
+            if t.met { "met" } else { "not met" },
+            t.note
+        );
+    }
+
     if let Some(path) = args.json {
         let json = serde_json::json!({
+            "targets": targets.iter().map(|t| serde_json::json!({
+                "target": t.what,
+                "reached": t.reached,
+                "met": t.met,
+                "note": t.note,
+            })).collect::<Vec<_>>(),
             "jobs_per_run": n,
             "rounds": rounds,
             "worker": "/bin/cat",
