@@ -68,10 +68,13 @@ pub fn parse_uri(url: &str) -> Result<AMQPUri, String> {
 
 /// The URL with its password replaced by `***`, for logs and messages.
 pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    // After the scheme, with or without the `//` a valid URL has.
+    let scheme_end = match (url.find("://"), url.find(':')) {
+        (Some(i), _) => i + 3,
+        (None, Some(i)) => i + 1,
+        (None, None) => return url.to_owned(),
     };
-    let rest = &url[scheme_end + 3..];
+    let rest = &url[scheme_end..];
     // The last `@` of the whole rest: a password typed without
     // percent-encoding may hold `/`, `?`, `#` or `@` (masking a vhost with
     // an `@` too is the safe side).
@@ -84,7 +87,7 @@ pub fn redact(url: &str) -> String {
             } else {
                 user.to_owned()
             };
-            format!("{}{}@{}", &url[..scheme_end + 3], masked, &rest[at + 1..])
+            format!("{}{}@{}", &url[..scheme_end], masked, &rest[at + 1..])
         }
         None => url.to_owned(),
     }
@@ -92,11 +95,13 @@ pub fn redact(url: &str) -> String {
 
 /// Removes the password of `url` from an error text, in case it was quoted.
 fn redact_text(text: &str, url: &str) -> String {
+    // The URL itself may be quoted whole (an unparsable one is).
+    let text = text.replace(url, &redact(url));
     match url.parse::<AMQPUri>() {
         Ok(uri) if !uri.authority.userinfo.password.is_empty() => {
             text.replace(&uri.authority.userinfo.password, "***")
         }
-        _ => text.to_owned(),
+        _ => text,
     }
 }
 
@@ -203,8 +208,15 @@ fn typed(queue: &QueueConfig) -> FieldTable {
 
 /// Declares the queue (with its type, `[queue.arguments]` and
 /// `x-single-active-consumer`), its retry queues and its dead-letter queue,
-/// all durable, then the exchanges and bindings of `[[queue.bind]]`.
-pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<(), String> {
+/// all durable, then the exchanges and bindings of `[[queue.bind]]`, on a
+/// channel of its own (a refused declaration closes its channel).
+pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<(), String> {
+    let open = || async {
+        conn.create_channel()
+            .await
+            .map_err(|e| format!("cannot open a channel: {e}"))
+    };
+    let mut channel = open().await?;
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -214,23 +226,12 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
     if queue.single_active_consumer {
         work_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
-    declare(channel, &queue.name, durable, work_args).await?;
-    declare(channel, &queue.dead_queue(), durable, typed(queue)).await?;
+    declare(&channel, &queue.name, durable, work_args).await?;
+    declare(&channel, &queue.dead_queue(), durable, typed(queue)).await?;
     let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
     for delay in delays {
+        let name = queue.retry_queue(delay);
         let mut args = typed(queue);
-        if queue.queue_type == QueueType::Quorum {
-            // Hand messages back only once the work queue has taken them
-            // (at-most-once, the default, drops them if it has no quorum).
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString(LongString::from("at-least-once")),
-            );
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString(LongString::from("reject-publish")),
-            );
-        }
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay.as_millis() as i64),
@@ -243,7 +244,35 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(LongString::from(queue.name.as_str())),
         );
-        declare(channel, &queue.retry_queue(delay), durable, args).await?;
+        if queue.queue_type != QueueType::Quorum {
+            declare(&channel, &name, durable, args).await?;
+            continue;
+        }
+        // Hand messages back only once the work queue has taken them
+        // (at-most-once, the default, drops them if it has no quorum).
+        let legacy = args.clone();
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+        if let Err(e) = declare(&channel, &name, durable, args).await {
+            // A retry queue declared by an earlier version, without those
+            // two arguments, is used as it is.
+            channel = open().await?;
+            if declare(&channel, &name, durable, legacy).await.is_err() {
+                return Err(e);
+            }
+            tracing::warn!(
+                queue = %queue.name,
+                "retry queue \"{name}\" exists without at-least-once dead-lettering (declared by \
+                 an earlier version): its messages go back at most once, and are lost if the \
+                 work queue has no quorum then; delete it while it is empty to have it declared again"
+            );
+        }
     }
     for b in &queue.bindings {
         let mut bind_args = FieldTable::default();
@@ -287,6 +316,7 @@ pub async fn declare_topology(channel: &Channel, queue: &QueueConfig) -> Result<
                 )
             })?;
     }
+    let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
 
@@ -326,6 +356,8 @@ mod tests {
         assert_eq!(redact("amqp://host/%2f"), "amqp://host/%2f");
         assert_eq!(redact("amqps://u@h"), "amqps://u@h");
         assert_eq!(redact("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact("amqp:u:cr3t@h/v"), "amqp:u:***@h/v");
+        assert!(!parse_uri("amqp:u:cr3t@h/v").unwrap_err().contains("cr3t"));
         for password in ["se/cr3t", "se?cr3t", "se#cr3t", "s/e@c?r#t"] {
             let url = format!("amqp://guest:{password}@127.0.0.1:5672/%2f");
             assert_eq!(redact(&url), "amqp://guest:***@127.0.0.1:5672/%2f");

@@ -59,7 +59,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// Cap on running workers across all queues.
     pub max_workers: usize,
-    /// `max_workers` was set; else it is the sum of the queues' `concurrency`.
+    /// `max_workers` was set; else it is the sum of the queues' `concurrency`,
+    /// which the queues bound by themselves.
     pub max_workers_set: bool,
     /// How long running workers may finish after SIGTERM before they are killed.
     pub shutdown_grace: Duration,

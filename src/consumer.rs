@@ -147,7 +147,7 @@ async fn consume(
         Err(e) => return End::ChannelError(format!("cannot open a channel: {e}")),
     };
     if cfg.declare && !*declared {
-        if let Err(e) = broker::declare_topology(&channel, cfg).await {
+        if let Err(e) = broker::declare_topology(conn, cfg).await {
             return End::ChannelError(e);
         }
         *declared = true;
@@ -260,6 +260,9 @@ async fn consume(
             _queue: slot,
             _global: global,
         };
+        // Counted before the job is spawned, so that a shutdown's settle
+        // limit never sees it without its worker.
+        shared.worker_started();
         shared.tracker.spawn(job::handle(
             delivery,
             publisher.clone(),

@@ -75,21 +75,23 @@ pub async fn handle(
     };
 
     metrics::inc(&queue.stats.running);
-    shared.worker_started();
-    let result = if policy::exhausted(attempt, &cfg.policy) {
+    let result = if policy::redelivered_too_often(delivery_count) {
+        let n = delivery_count.unwrap_or_default();
         tracing::warn!(
             queue = %log.queue, message_id = %log.message_id, attempt,
-            "the message came back after its last attempt ({}) without a run finishing; dead-lettering without running a worker",
-            cfg.policy.max_attempts
+            "the queue returned the message {n} times without a run finishing; dead-lettering without running a worker"
         );
         not_run(
-            Outcome::Exhausted,
+            Outcome::Redelivered,
             format!(
-                "delivered for attempt {attempt} of max_attempts = {}: earlier runs were cut short \
-                 (the supervisor stopped or lost its connection while they ran)",
-                cfg.policy.max_attempts
+                "returned to its queue {n} times (x-delivery-count) without a run finishing: runs \
+                 cut short (the supervisor stopped or lost its connection while they ran), or \
+                 deliveries handed back unstarted"
             ),
         )
+    } else if shared.interrupt.is_cancelled() {
+        // The shutdown grace ran out before this job started.
+        not_run(Outcome::Interrupted, "the supervisor was stopping".into())
     } else if delivery.data.len() > cfg.max_body_bytes {
         tracing::warn!(
             queue = %log.queue, message_id = %log.message_id,
@@ -127,6 +129,7 @@ pub async fn handle(
         runner::run(job, &shared.interrupt, connection_lost).await
     };
     metrics::dec(&queue.stats.running);
+    // Counted by the consumer before this job was spawned.
     shared.worker_ended();
     if result.pid.is_some() {
         queue.stats.observe_duration(result.elapsed);

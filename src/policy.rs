@@ -23,10 +23,10 @@ pub enum Outcome {
     SpawnFailed,
     /// The body exceeds `max_body_bytes`; no worker was started.
     TooLarge,
-    /// The delivery arrived with its attempts already used up: runs cut
-    /// short (a killed supervisor, a lost connection) count on quorum queues
-    /// through `x-delivery-count`. No worker was started.
-    Exhausted,
+    /// A quorum queue returned the delivery [`REDELIVERY_LIMIT`] times
+    /// already (`x-delivery-count`): runs cut short (a message that kills
+    /// the supervisor, say) or deliveries handed back. No worker was started.
+    Redelivered,
     /// The supervisor stopped the worker (shutdown grace expired, or the
     /// connection was lost): not the message's fault.
     Interrupted,
@@ -35,7 +35,7 @@ pub enum Outcome {
 impl Outcome {
     /// The label used in the `x-amqp-exec-exit` header and in logs: the exit
     /// code, the signal name, or "timeout", "spawn", "too-large",
-    /// "exhausted", "interrupted".
+    /// "redelivered", "interrupted".
     pub fn label(&self) -> String {
         match self {
             Outcome::Exit(c) => c.to_string(),
@@ -43,7 +43,7 @@ impl Outcome {
             Outcome::Timeout => "timeout".into(),
             Outcome::SpawnFailed => "spawn".into(),
             Outcome::TooLarge => "too-large".into(),
-            Outcome::Exhausted => "exhausted".into(),
+            Outcome::Redelivered => "redelivered".into(),
             Outcome::Interrupted => "interrupted".into(),
         }
     }
@@ -99,7 +99,7 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
             _ => Action::Retry,
         }),
         Outcome::Signal(_) | Outcome::Timeout => Action::Retry,
-        Outcome::TooLarge | Outcome::Exhausted => Action::DeadLetter,
+        Outcome::TooLarge | Outcome::Redelivered => Action::DeadLetter,
         Outcome::SpawnFailed | Outcome::Interrupted => Action::Requeue,
     };
     match action {
@@ -115,12 +115,17 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
     }
 }
 
-/// Whether a delivery is past its last attempt before it runs: then it is
-/// dead-lettered without running ([`Outcome::Exhausted`]). Only redeliveries
-/// counted by a quorum queue (or a lowered `max_attempts`) get there, as a
-/// failed last attempt is dead-lettered, not retried.
-pub fn exhausted(attempt: u32, policy: &Policy) -> bool {
-    attempt > policy.max_attempts
+/// Returns of one delivery by a quorum queue after which it is
+/// dead-lettered without running: RabbitMQ 4's default `delivery-limit`,
+/// which would drop it at the next return.
+pub const REDELIVERY_LIMIT: i64 = 20;
+
+/// Whether a quorum queue's count of returns (`x-delivery-count`) says the
+/// delivery keeps coming back without a run finishing; then it is
+/// dead-lettered without running ([`Outcome::Redelivered`]). A run that
+/// fails is counted by `max_attempts`; this catches what never gets that far.
+pub fn redelivered_too_often(delivery_count: Option<i64>) -> bool {
+    delivery_count.is_some_and(|n| n >= REDELIVERY_LIMIT)
 }
 
 /// The delay after the `attempt`-th run failed: `backoff[attempt - 1]`,
@@ -189,7 +194,7 @@ mod tests {
         ));
         assert_eq!(decide(Outcome::Timeout, 3, &p), Decision::DeadLetter);
         assert_eq!(decide(Outcome::TooLarge, 1, &p), Decision::DeadLetter);
-        assert_eq!(decide(Outcome::Exhausted, 4, &p), Decision::DeadLetter);
+        assert_eq!(decide(Outcome::Redelivered, 4, &p), Decision::DeadLetter);
         assert_eq!(decide(Outcome::SpawnFailed, 1, &p), Decision::Requeue);
         assert_eq!(decide(Outcome::SpawnFailed, 99, &p), Decision::Requeue);
         assert_eq!(decide(Outcome::Interrupted, 3, &p), Decision::Requeue);
@@ -226,13 +231,11 @@ mod tests {
     }
 
     #[test]
-    fn a_delivery_past_its_last_attempt_is_exhausted() {
-        let p = policy();
-        assert!(!exhausted(1, &p));
-        assert!(!exhausted(3, &p));
-        assert!(exhausted(4, &p));
-        // A quorum queue's redeliveries of a run that kept being cut short.
-        assert!(exhausted(attempt_number(Some(2), Some(2)), &p));
+    fn a_delivery_returned_too_often_is_not_run() {
+        assert!(!redelivered_too_often(None));
+        assert!(!redelivered_too_often(Some(REDELIVERY_LIMIT - 1)));
+        assert!(redelivered_too_often(Some(REDELIVERY_LIMIT)));
+        assert!(redelivered_too_often(Some(i64::MAX)));
     }
 
     #[test]
@@ -252,6 +255,6 @@ mod tests {
         assert_eq!(Outcome::Timeout.label(), "timeout");
         assert_eq!(Outcome::SpawnFailed.label(), "spawn");
         assert_eq!(Outcome::TooLarge.label(), "too-large");
-        assert_eq!(Outcome::Exhausted.label(), "exhausted");
+        assert_eq!(Outcome::Redelivered.label(), "redelivered");
     }
 }

@@ -126,7 +126,7 @@ fn resize(slots: &Arc<Semaphore>, was: usize, now: usize) {
     if now > was {
         slots.add_permits(now - was);
     } else if now < was {
-        // Both are at most MAX_WORKERS (config), so the surplus fits.
+        // Concurrency is at most 65535 (config), so the surplus fits.
         let surplus = (was - now) as u32;
         let taken = slots.clone();
         tokio::spawn(async move {
@@ -139,12 +139,9 @@ fn resize(slots: &Arc<Semaphore>, was: usize, now: usize) {
 
 /// State shared by the connection loop, the consumer loops and the jobs.
 pub struct Shared {
-    /// `max_workers` permits.
+    /// `max_workers` permits. Without a `max_workers` key there is no cap
+    /// beyond the queues' own `concurrency`, so reloads never wait on it.
     pub global: Arc<Semaphore>,
-    /// Their number, and whether the config set it: when it did not, it is
-    /// the sum of the queues' `concurrency` and follows reloads.
-    global_size: Mutex<usize>,
-    max_workers_set: bool,
     pub stop: CancellationToken,
     pub interrupt: CancellationToken,
     /// When jobs still settling after `interrupt` are given up; see
@@ -181,9 +178,11 @@ pub struct Shared {
 impl Shared {
     fn new(cfg: &Config, opts: &RunOptions) -> Self {
         Shared {
-            global: Arc::new(Semaphore::new(cfg.max_workers)),
-            global_size: Mutex::new(cfg.max_workers),
-            max_workers_set: cfg.max_workers_set,
+            global: Arc::new(Semaphore::new(if cfg.max_workers_set {
+                cfg.max_workers
+            } else {
+                Semaphore::MAX_PERMITS
+            })),
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             settle_deadline: Mutex::new(None),
@@ -297,7 +296,8 @@ struct Settle {
 }
 
 impl Shared {
-    /// A worker process starts; [`Shared::worker_ended`] when it is gone.
+    /// A job's worker is about to start; [`Shared::worker_ended`] when it
+    /// is gone (or was never started).
     pub fn worker_started(&self) {
         self.workers.fetch_add(1, Ordering::SeqCst);
     }
@@ -562,7 +562,7 @@ async fn session(
     let conn_lost = CancellationToken::new();
     let unreadable = Arc::new(AtomicBool::new(false));
     let mut events = conn.events_listener();
-    let watcher = {
+    let mut watcher = {
         let (conn, conn_lost, unreadable) = (conn.clone(), conn_lost.clone(), unreadable.clone());
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
@@ -635,6 +635,11 @@ async fn session(
                 "{running} job(s) were running when the connection was lost; \
                  they cannot be acked and the broker will redeliver their messages"
             );
+        }
+        if !unreadable.load(Ordering::SeqCst) {
+            // The poll may have seen the loss first: let the watcher read
+            // the error that says why.
+            let _ = tokio::time::timeout(Duration::from_millis(200), &mut watcher).await;
         }
         watcher.abort();
         return if unreadable.load(Ordering::SeqCst) {
@@ -730,12 +735,6 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
         systemd::notify_reloading();
     }
     *shared.shutdown_grace.lock().expect("not poisoned") = cfg.shutdown_grace;
-    if !shared.max_workers_set {
-        let total: usize = cfg.queues.iter().map(|q| q.concurrency).sum();
-        let mut size = shared.global_size.lock().expect("not poisoned");
-        resize(&shared.global, *size, total);
-        *size = total;
-    }
     let mut current = shared.queues.write().expect("not poisoned");
     let mut next = Vec::with_capacity(cfg.queues.len());
     let mut started = Vec::new();

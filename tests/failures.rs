@@ -168,20 +168,30 @@ async fn a_message_from_another_broker_user_is_retried_and_dead_lettered() {
     broker.cleanup().await;
 }
 
-/// A delivery whose attempts are already used up (on a quorum queue, runs
-/// cut short count through `x-delivery-count`) is dead-lettered without
-/// running, so a message that keeps killing its run cannot loop.
+/// A delivery that a quorum queue returned 20 times without a run
+/// finishing (a message that kills the supervisor, say) is dead-lettered
+/// without running, so that it cannot loop. On a classic queue
+/// `x-delivery-count` can only be a publisher's header and does not count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
+async fn a_delivery_returned_too_often_is_dead_lettered_without_running() {
     let mut broker = Broker::connect().await;
-    let q = unique("exhausted");
-    broker.declare(&q).await;
-    let with_headers = |id: &str, attempt: i32, delivery_count: i64| {
+    let (quorum, classic) = (unique("redelivered-q"), unique("redelivered-c"));
+    broker.owns(&quorum);
+    broker.owns(&classic);
+    let work = Workdir::new();
+    let worker = work.script("worker.sh", EXIT_BY_BODY);
+    let config = format!(
+        "[[queue]]\nname = \"{quorum}\"\nqueue_type = \"quorum\"\ncommand = [\"{w}\"]\nmax_attempts = 2\n\
+         [[queue]]\nname = \"{classic}\"\ncommand = [\"{w}\"]\nmax_attempts = 2\n",
+        w = worker.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("all queues started", Duration::from_secs(20))
+        .await;
+    // The broker adds x-delivery-count from the first return on; a count
+    // given at publish stands in for the returns.
+    let counted = |id: &str, delivery_count: i64| {
         let mut headers = lapin::types::FieldTable::default();
-        headers.insert(
-            "x-amqp-exec-attempt".into(),
-            lapin::types::AMQPValue::LongInt(attempt),
-        );
         headers.insert(
             "x-delivery-count".into(),
             lapin::types::AMQPValue::LongLongInt(delivery_count),
@@ -190,26 +200,12 @@ async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
             .with_message_id(id.into())
             .with_headers(headers)
     };
-    // Past max_attempts = 2 (a lowered max_attempts, or on a quorum queue
-    // its redeliveries of runs cut short).
+    broker.publish(&quorum, b"0", counted("looped", 20)).await;
+    broker.publish(&quorum, b"0", counted("almost", 19)).await;
     broker
-        .publish(&q, b"0", with_headers("cut-short", 3, 0))
+        .publish(&classic, b"0", counted("forwarded", 25))
         .await;
-    // On a classic queue x-delivery-count is a publisher's header, not a
-    // count of runs: it does not count.
-    broker
-        .publish(&q, b"0", with_headers("forwarded", 1, 5))
-        .await;
-    broker.publish_id(&q, "fresh", b"0").await;
-
-    let work = Workdir::new();
-    let worker = work.script("worker.sh", EXIT_BY_BODY);
-    let config = format!(
-        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nmax_attempts = 2\n",
-        worker.display()
-    );
-    let mut sup = Supervisor::start(&work, &config, &[]);
-    let dead_q = format!("{q}.dead");
+    let dead_q = format!("{quorum}.dead");
     broker.wait_count(&dead_q, 1, Duration::from_secs(30)).await;
     work.wait_ledger(2, Duration::from_secs(10)).await;
     sup.signal(nix::sys::signal::Signal::SIGTERM);
@@ -217,25 +213,24 @@ async fn a_delivery_past_its_last_attempt_is_dead_lettered_without_running() {
 
     let by_id = runs_by_id(&work.ledger());
     let attempts = |id: &str| -> Vec<u32> { by_id[id].iter().map(|r| r.attempt).collect() };
-    assert!(
-        !by_id.contains_key("cut-short"),
-        "ran past its last attempt"
+    assert!(!by_id.contains_key("looped"), "ran after 20 returns");
+    assert_eq!(attempts("almost"), [20], "1 + 19 returns; succeeds");
+    assert_eq!(
+        attempts("forwarded"),
+        [1],
+        "a classic queue's header does not count"
     );
-    assert_eq!(attempts("forwarded"), [1]);
-    assert_eq!(attempts("fresh"), [1]);
     let dead = broker.drain(&dead_q).await;
     assert_eq!(dead.len(), 1);
-    assert_eq!(message_id(&dead[0]), "cut-short");
+    assert_eq!(message_id(&dead[0]), "looped");
     assert_eq!(
         header(&dead[0], "x-amqp-exec-exit").as_deref(),
-        Some("exhausted")
-    );
-    assert_eq!(
-        header(&dead[0], "x-amqp-exec-attempts").as_deref(),
-        Some("3")
+        Some("redelivered")
     );
     // Ledger: 3 published = 2 done + 0 waiting + 1 dead.
-    assert_eq!(broker.count(&q).await, Some(0));
+    assert_eq!(broker.count(&quorum).await, Some(0));
+    assert_eq!(broker.count(&classic).await, Some(0));
+    assert_eq!(broker.count(&format!("{classic}.dead")).await, Some(0));
     broker.cleanup().await;
 }
 

@@ -249,7 +249,7 @@ async fn max_jobs_still_ends_when_a_claimed_job_is_requeued() {
         r#"#!/bin/sh
 cat > /dev/null
 echo "$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT $(date +%s%N) $(date +%s%N) $$" >> "$RECORD_DIR/ledger"
-if [ "$AMQP_EXEC_MESSAGE_ID" = req ] && [ "$AMQP_EXEC_REDELIVERED" = 0 ]; then exit 3; fi
+if [ "$AMQP_EXEC_MESSAGE_ID" = req ] && [ "$AMQP_EXEC_REDELIVERED" = 0 ]; then sleep 0.3; exit 3; fi
 sleep 0.3
 "#,
     );
@@ -749,13 +749,11 @@ async fn sighup_adds_and_removes_queues_while_running_workers_finish() {
     broker.cleanup().await;
 }
 
-/// A reload that lowers a queue's concurrency holds while the workers it
-/// already runs finish: new jobs start only below the new limit.
-/// Without a `max_workers` key the cap is the sum of all `concurrency`, and
-/// a reload that adds a queue raises it: the new queue's workers start
-/// beside the running one.
+/// Without a `max_workers` key the cap is the sum of all `concurrency`,
+/// which the queues keep to by themselves: a reload that adds a queue, or
+/// removes one whose worker still runs, never makes the others wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_adding_a_queue_raises_the_default_max_workers() {
+async fn sighup_adding_or_removing_a_queue_never_waits_on_the_default_max_workers() {
     let mut broker = Broker::connect().await;
     let (a, b) = (unique("cap-a"), unique("cap-b"));
     broker.declare(&a).await;
@@ -776,17 +774,31 @@ async fn sighup_adding_a_queue_raises_the_default_max_workers() {
     broker.publish_id(&b, "b2", b"x").await;
     wait_starts(&work, 3, Duration::from_secs(20)).await;
     assert!(
-        t.elapsed() < Duration::from_secs(4),
+        t.elapsed() < Duration::from_secs(3),
         "the added queue waited for the running job: {:?}",
+        t.elapsed()
+    );
+    // `a` removed while its worker runs: `b` keeps both its slots.
+    work.write("config.toml", &starting_queue(&b, 2, "0", ""));
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("queue removed", Duration::from_secs(10)).await;
+    broker.publish_id(&b, "b3", b"x").await;
+    broker.publish_id(&b, "b4", b"x").await;
+    wait_starts(&work, 5, Duration::from_secs(20)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the remaining queue waited for the removed queue's job: {:?}",
         t.elapsed()
     );
     sup.signal(Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(20)).await;
-    // Ledger: 3 published = 3 done.
-    assert_eq!(work.ledger().len(), 3);
+    // Ledger: 5 published = 5 done.
+    assert_eq!(work.ledger().len(), 5);
     broker.cleanup().await;
 }
 
+/// A reload that lowers a queue's concurrency holds while the workers it
+/// already runs finish: new jobs start only below the new limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_lowering_concurrency_waits_for_running_workers() {
     let mut broker = Broker::connect().await;

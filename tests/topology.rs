@@ -67,6 +67,64 @@ async fn quorum_queues_and_their_retry_path() {
     broker.cleanup().await;
 }
 
+/// A quorum retry queue declared the way earlier versions did (without
+/// at-least-once dead-lettering) cannot be declared again with it: it is
+/// used as it is, with a warning, and the queue keeps consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_retry_queue_of_an_earlier_version_is_used_as_it_is() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let mut broker = Broker::connect().await;
+    let q = unique("quorum-old");
+    broker.owns(&q);
+    let mut args = FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", q.as_str()),
+    ] {
+        args.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(200));
+    broker
+        .channel
+        .queue_declare(
+            format!("{q}.retry.200ms").as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the retry queue as earlier versions did");
+    let work = Workdir::new();
+    let w = work.script(
+        "w.sh",
+        "#!/bin/sh\ncat >/dev/null\necho \"$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT 0 0 $$\" >> \"$RECORD_DIR/ledger\"\n[ \"$AMQP_EXEC_ATTEMPT\" -ge 2 ]\n",
+    );
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nbackoff = [\"200ms\"]\n",
+        w.display()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("consuming", Duration::from_secs(30)).await;
+    assert!(
+        sup.log_text()
+            .contains("exists without at-least-once dead-lettering"),
+        "{}",
+        tail(&sup.log_text(), 20)
+    );
+    broker.publish_id(&q, "m1", b"x").await;
+    work.wait_ledger(2, Duration::from_secs(20)).await;
+    let attempts: Vec<u32> = work.ledger().iter().map(|r| r.attempt).collect();
+    assert_eq!(attempts, [1, 2]);
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 1 published = 1 done.
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
 /// On a quorum dead-letter queue, `dead list` hands the messages back, which
 /// the broker counts in `x-delivery-count`; a replayed message still starts
 /// again at attempt 1.
