@@ -68,29 +68,33 @@ pub fn parse_uri(url: &str) -> Result<AMQPUri, String> {
 
 /// The URL with its password replaced by `***`, for logs and messages.
 pub fn redact(url: &str) -> String {
-    // After the scheme, with or without the `//` a valid URL has.
-    let scheme_end = match (url.find("://"), url.find(':')) {
-        (Some(i), _) => i + 3,
-        (None, Some(i)) => i + 1,
-        (None, None) => return url.to_owned(),
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
     };
-    let rest = &url[scheme_end..];
-    // The last `@` of the whole rest: a password typed without
-    // percent-encoding may hold `/`, `?`, `#` or `@` (masking a vhost with
-    // an `@` too is the safe side).
-    match rest.rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
+    // The user info starts after `amqp:` or `amqps:`, and the `//` a valid
+    // URL has. It ends at the last `@`: a password typed without
+    // percent-encoding may hold `/`, `?`, `#`, `:` or `@` (masking a vhost
+    // with an `@` too is the safe side). Without a known scheme, all of it
+    // is masked.
+    let start = match url.find(':') {
+        Some(i) if matches!(url[..i].to_ascii_lowercase().as_str(), "amqp" | "amqps") => {
+            if url[i + 1..].starts_with("//") {
+                i + 3
             } else {
-                user.to_owned()
-            };
-            format!("{}{}@{}", &url[..scheme_end], masked, &rest[at + 1..])
+                i + 1
+            }
         }
-        None => url.to_owned(),
+        _ => return format!("***@{}", &url[at + 1..]),
+    };
+    if at < start {
+        return url.to_owned();
     }
+    let userinfo = &url[start..at];
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => userinfo.to_owned(),
+    };
+    format!("{}{masked}@{}", &url[..start], &url[at + 1..])
 }
 
 /// Removes the password of `url` from an error text, in case it was quoted.
@@ -262,7 +266,10 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
         if let Err(e) = declare(&channel, &name, durable, args).await {
             // A retry queue declared by an earlier version, without those
             // two arguments, is used as it is.
-            channel = open().await?;
+            if !e.contains("already exists with other arguments") {
+                return Err(e);
+            }
+            channel = open().await.map_err(|_| e.clone())?;
             if declare(&channel, &name, durable, legacy).await.is_err() {
                 return Err(e);
             }
@@ -357,6 +364,17 @@ mod tests {
         assert_eq!(redact("amqps://u@h"), "amqps://u@h");
         assert_eq!(redact("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
         assert_eq!(redact("amqp:u:cr3t@h/v"), "amqp:u:***@h/v");
+        assert_eq!(redact("amqp:u:pa://cr3t@h"), "amqp:u:***@h");
+        assert_eq!(
+            redact("amqp://u:cr3t@h/?x=a://b"),
+            "amqp://u:***@h/?x=a://b"
+        );
+        assert_eq!(redact("guest:cr3t@h:5672/%2f"), "***@h:5672/%2f");
+        assert_eq!(redact("AMQPS://u:cr3t@h"), "AMQPS://u:***@h");
+        for url in ["guest:cr3t@h:5672/%2f", "amqp:u:pa://cr3t@h"] {
+            let err = parse_uri(url).err().unwrap_or_default();
+            assert!(!err.contains("cr3t"), "{err}");
+        }
         assert!(!parse_uri("amqp:u:cr3t@h/v").unwrap_err().contains("cr3t"));
         for password in ["se/cr3t", "se?cr3t", "se#cr3t", "s/e@c?r#t"] {
             let url = format!("amqp://guest:{password}@127.0.0.1:5672/%2f");

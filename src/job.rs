@@ -75,7 +75,11 @@ pub async fn handle(
     };
 
     metrics::inc(&queue.stats.running);
-    let result = if policy::redelivered_too_often(delivery_count) {
+    let delivery_limit = match cfg.arguments.get("x-delivery-limit") {
+        Some(crate::config::ArgValue::Int(n)) => Some(*n),
+        _ => None,
+    };
+    let result = if policy::redelivered_too_often(delivery_count, delivery_limit) {
         let n = delivery_count.unwrap_or_default();
         tracing::warn!(
             queue = %log.queue, message_id = %log.message_id, attempt,

@@ -23,9 +23,10 @@ pub enum Outcome {
     SpawnFailed,
     /// The body exceeds `max_body_bytes`; no worker was started.
     TooLarge,
-    /// A quorum queue returned the delivery [`REDELIVERY_LIMIT`] times
-    /// already (`x-delivery-count`): runs cut short (a message that kills
-    /// the supervisor, say) or deliveries handed back. No worker was started.
+    /// A quorum queue returned the delivery nearly as often as its
+    /// `delivery-limit` allows (`x-delivery-count`, see
+    /// [`redelivered_too_often`]): runs cut short (a message that kills the
+    /// supervisor, say) or deliveries handed back. No worker was started.
     Redelivered,
     /// The supervisor stopped the worker (shutdown grace expired, or the
     /// connection was lost): not the message's fault.
@@ -115,17 +116,21 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
     }
 }
 
-/// Returns of one delivery by a quorum queue after which it is
-/// dead-lettered without running: RabbitMQ 4's default `delivery-limit`,
-/// which would drop it at the next return.
-pub const REDELIVERY_LIMIT: i64 = 20;
+/// RabbitMQ 4's default `delivery-limit` of quorum queues: a message
+/// returned more often is dropped (the work queue has no dead-letter
+/// exchange).
+pub const DEFAULT_DELIVERY_LIMIT: i64 = 20;
 
 /// Whether a quorum queue's count of returns (`x-delivery-count`) says the
 /// delivery keeps coming back without a run finishing; then it is
 /// dead-lettered without running ([`Outcome::Redelivered`]). A run that
 /// fails is counted by `max_attempts`; this catches what never gets that far.
-pub fn redelivered_too_often(delivery_count: Option<i64>) -> bool {
-    delivery_count.is_some_and(|n| n >= REDELIVERY_LIMIT)
+/// It fires two returns before `delivery_limit` (the queue's, else
+/// RabbitMQ 4's default), so that the broker does not drop the message
+/// first should the dead letter fail once and the message go back.
+pub fn redelivered_too_often(delivery_count: Option<i64>, delivery_limit: Option<i64>) -> bool {
+    let limit = delivery_limit.unwrap_or(DEFAULT_DELIVERY_LIMIT);
+    delivery_count.is_some_and(|n| n >= (limit - 2).max(1))
 }
 
 /// The delay after the `attempt`-th run failed: `backoff[attempt - 1]`,
@@ -232,10 +237,15 @@ mod tests {
 
     #[test]
     fn a_delivery_returned_too_often_is_not_run() {
-        assert!(!redelivered_too_often(None));
-        assert!(!redelivered_too_often(Some(REDELIVERY_LIMIT - 1)));
-        assert!(redelivered_too_often(Some(REDELIVERY_LIMIT)));
-        assert!(redelivered_too_often(Some(i64::MAX)));
+        assert!(!redelivered_too_often(None, None));
+        assert!(!redelivered_too_often(Some(17), None));
+        assert!(redelivered_too_often(Some(18), None));
+        assert!(redelivered_too_often(Some(i64::MAX), None));
+        assert!(!redelivered_too_often(Some(97), Some(100)));
+        assert!(redelivered_too_often(Some(98), Some(100)));
+        // A limit of 1 or 2 leaves no room for the margin: the first return.
+        assert!(!redelivered_too_often(Some(0), Some(2)));
+        assert!(redelivered_too_often(Some(1), Some(1)));
     }
 
     #[test]
