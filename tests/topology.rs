@@ -29,6 +29,19 @@ fn queue_types(prefix: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Config of quorum queue `q` whose worker records its run, fails on its
+/// first attempt and succeeds on the retry (after 200 ms).
+fn fails_once_on_quorum(work: &Workdir, q: &str) -> String {
+    let w = work.script(
+        "w.sh",
+        "#!/bin/sh\ncat >/dev/null\necho \"$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT 0 0 $$\" >> \"$RECORD_DIR/ledger\"\n[ \"$AMQP_EXEC_ATTEMPT\" -ge 2 ]\n",
+    );
+    format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nbackoff = [\"200ms\"]\n",
+        w.display()
+    )
+}
+
 fn unacked(queue: &str) -> u32 {
     list_queues("messages_unacknowledged")
         .into_iter()
@@ -42,15 +55,7 @@ async fn quorum_queues_and_their_retry_path() {
     let q = unique("quorum");
     broker.owns(&q);
     let work = Workdir::new();
-    // Fails on its first run, succeeds on the retry.
-    let w = work.script(
-        "w.sh",
-        "#!/bin/sh\ncat >/dev/null\necho \"$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT 0 0 $$\" >> \"$RECORD_DIR/ledger\"\n[ \"$AMQP_EXEC_ATTEMPT\" -ge 2 ]\n",
-    );
-    let config = format!(
-        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nbackoff = [\"200ms\"]\n",
-        w.display()
-    );
+    let config = fails_once_on_quorum(&work, &q);
     let mut sup = Supervisor::start(&work, &config, &[]);
     sup.wait_log("consuming", Duration::from_secs(30)).await;
     let types = queue_types(&q);
@@ -98,14 +103,7 @@ async fn a_quorum_retry_queue_of_an_earlier_version_is_used_as_it_is() {
         .await
         .expect("declare the retry queue as earlier versions did");
     let work = Workdir::new();
-    let w = work.script(
-        "w.sh",
-        "#!/bin/sh\ncat >/dev/null\necho \"$AMQP_EXEC_MESSAGE_ID $AMQP_EXEC_ATTEMPT 0 0 $$\" >> \"$RECORD_DIR/ledger\"\n[ \"$AMQP_EXEC_ATTEMPT\" -ge 2 ]\n",
-    );
-    let config = format!(
-        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nbackoff = [\"200ms\"]\n",
-        w.display()
-    );
+    let config = fails_once_on_quorum(&work, &q);
     let mut sup = Supervisor::start(&work, &config, &[]);
     sup.wait_log("consuming", Duration::from_secs(30)).await;
     assert!(
