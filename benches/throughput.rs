@@ -19,6 +19,12 @@
 //!
 //! `--soak N` instead runs N jobs through one supervisor and samples its open
 //! fds, threads and RSS every 10,000 jobs.
+//!
+//! `--compare PATH` instead runs this build's binary and another build of
+//! `amqp-exec` at PATH in turns (`--rounds` pairs, the order swapped every
+//! pair) at concurrency 1 and 4, and prints both with their ratio: a change
+//! to the hot path is judged against the code before it, on the same machine
+//! at the same time.
 
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -73,6 +79,7 @@ struct Args {
     rounds: usize,
     json: Option<String>,
     soak: Option<usize>,
+    compare: Option<String>,
 }
 
 fn args() -> Args {
@@ -81,6 +88,7 @@ fn args() -> Args {
         rounds: 3,
         json: None,
         soak: None,
+        compare: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -95,6 +103,7 @@ fn args() -> Args {
             }
             "--json" => a.json = it.next(),
             "--soak" => a.soak = it.next().and_then(|n| n.parse().ok()),
+            "--compare" => a.compare = Some(it.next().expect("--compare PATH")),
             _ => {} // cargo passes --bench
         }
     }
@@ -239,10 +248,15 @@ fn service_env(cmd: &mut Command) -> &mut Command {
 
 /// Runs `amqp-exec run --max-jobs n` on a config and measures it.
 fn run_supervisor(config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
+    run_binary(BIN, config, n, env)
+}
+
+/// [`run_supervisor`] with the `amqp-exec` binary at `bin`.
+fn run_binary(bin: &str, config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bench.toml");
     std::fs::write(&cfg, config).unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin);
     // The workers inherit it; building their environment is part of each
     // job's cost.
     service_env(&mut cmd)
@@ -459,6 +473,11 @@ int main(void) {
 /// Publishes `n` messages one at a time, 8 ms apart, each stamped with its
 /// publish time, while the supervisor runs the stamping worker.
 async fn latency(broker: &Broker, queue: &str, n: usize, c: usize) -> (f64, f64) {
+    latency_of(BIN, broker, queue, n, c).await
+}
+
+/// [`latency`] with the `amqp-exec` binary at `bin`.
+async fn latency_of(bin: &str, broker: &Broker, queue: &str, n: usize, c: usize) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let stamps = dir.path().join("stamps");
     let worker = c_stamper(dir.path())
@@ -468,7 +487,8 @@ async fn latency(broker: &Broker, queue: &str, n: usize, c: usize) -> (f64, f64)
         queue_config(queue, c, &worker),
         stamps.display()
     );
-    let run = std::thread::spawn(move || run_supervisor(&config, n, &[]));
+    let bin = bin.to_owned();
+    let run = std::thread::spawn(move || run_binary(&bin, &config, n, &[]));
     tokio::time::sleep(Duration::from_millis(700)).await;
     publish_stamped(broker, queue, n).await;
     run.join().unwrap();
@@ -641,6 +661,10 @@ async fn main() {
     let args = args();
     if let Some(total) = args.soak {
         soak(total).await;
+        return;
+    }
+    if let Some(other) = &args.compare {
+        compare(other, args.jobs, args.rounds).await;
         return;
     }
     let n = args.jobs;
@@ -1003,6 +1027,73 @@ async fn soak(total: usize) {
             first.2,
             last.2,
             (rss_growth - 1.0) * 100.0
+        );
+    }
+}
+
+/// `--compare PATH`: this build against the binary at `other`, in turns.
+async fn compare(other: &str, n: usize, rounds: usize) {
+    assert!(
+        std::path::Path::new(other).is_file(),
+        "--compare {other}: no such file"
+    );
+    let broker = Broker::connect().await;
+    let queue = format!("bench-compare-{}", std::process::id());
+    let body = vec![b'x'; 1024];
+    println!(
+        "compare: {n} jobs per run, /bin/cat, 1 KiB bodies, {rounds} pairs\n  this: {BIN}\n  other: {other}"
+    );
+    println!(
+        "{:>4} {:>9} {:>9} {:>7} {:>11} {:>12} {:>7} {:>11} {:>12}",
+        "conc",
+        "this/s",
+        "other/s",
+        "ratio",
+        "this µs/job",
+        "other µs/job",
+        "ratio",
+        "this p50 ms",
+        "other p50 ms"
+    );
+    for c in [1usize, 4] {
+        let config = queue_config(&queue, c, "/bin/cat");
+        let (mut this, mut them) = (Vec::new(), Vec::new());
+        let (mut this_p50, mut them_p50) = (Vec::new(), Vec::new());
+        for pair in 0..rounds {
+            let order = if pair % 2 == 0 {
+                [(true, BIN), (false, other)]
+            } else {
+                [(false, other), (true, BIN)]
+            };
+            for (ours, bin) in order {
+                broker.fresh_queue(&queue).await;
+                broker.publish(&queue, n, &body).await;
+                let o = run_binary(bin, &config, n, &[]);
+                broker.fresh_queue(&queue).await;
+                let (p50, _) = latency_of(bin, &broker, &queue, 300.min(n), c).await;
+                if ours {
+                    this.push(o);
+                    this_p50.push(p50);
+                } else {
+                    them.push(o);
+                    them_p50.push(p50);
+                }
+            }
+        }
+        broker.delete(&queue).await;
+        let rate = |v: &[Ours]| median(v.iter().map(|o| o.rate).collect()).unwrap_or(f64::NAN);
+        let cpu =
+            |v: &[Ours]| median(v.iter().map(|o| o.cpu_us_per_job).collect()).unwrap_or(f64::NAN);
+        println!(
+            "{c:>4} {:>9.0} {:>9.0} {:>7.2} {:>11.0} {:>12.0} {:>7.2} {:>11.2} {:>12.2}",
+            rate(&this),
+            rate(&them),
+            rate(&this) / rate(&them),
+            cpu(&this),
+            cpu(&them),
+            cpu(&this) / cpu(&them),
+            median(this_p50).unwrap_or(f64::NAN),
+            median(them_p50).unwrap_or(f64::NAN),
         );
     }
 }
