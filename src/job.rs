@@ -11,7 +11,7 @@ use crate::policy::{self, Decision, Outcome};
 use crate::publish::{self, ConfirmChannel};
 use crate::runner::{self, Job, LogContext};
 use crate::supervisor::{QueueState, Shared};
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, message::Delivery};
 use std::sync::Arc;
@@ -193,7 +193,7 @@ async fn settle(
                 requeue(delivery, log).await;
                 return false;
             }
-            let ok = ack(delivery, log).await;
+            let ok = ack(delivery, channel, log).await;
             if ok {
                 metrics::inc(&stats.ok);
             }
@@ -205,7 +205,7 @@ async fn settle(
                 requeue(delivery, log).await;
                 return false;
             }
-            let ok = ack(delivery, log).await;
+            let ok = ack(delivery, channel, log).await;
             if ok {
                 metrics::inc(&stats.dropped);
             }
@@ -303,7 +303,7 @@ async fn republish_then_ack(
             if let Some((result, attempt)) = failure {
                 send_reply(delivery, channel, result, attempt, log, true).await;
             }
-            let ok = ack(delivery, log).await;
+            let ok = ack(delivery, channel, log).await;
             if ok {
                 metrics::inc(counter);
             }
@@ -388,8 +388,8 @@ async fn send_reply(
     }
 }
 
-async fn ack(delivery: &Delivery, log: &LogContext) -> bool {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
+async fn ack(delivery: &Delivery, channel: &ConfirmChannel, log: &LogContext) -> bool {
+    match channel.ack(delivery).await {
         Ok(true) => true,
         Ok(false) => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
