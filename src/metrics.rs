@@ -269,6 +269,13 @@ pub async fn serve(addr: std::net::SocketAddr, shared: Arc<Shared>) -> Result<()
     Ok(())
 }
 
+/// True once `request` holds the blank line that ends its headers, with
+/// CRLF line ends or bare LF ones (which HTTP lets a server accept, and
+/// which `printf 'GET /metrics\n\n' | nc` sends).
+fn headers_end(request: &[u8]) -> bool {
+    request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n")
+}
+
 /// Reads one request and writes its answer.
 async fn answer(stream: &mut tokio::net::TcpStream, shared: &Shared) {
     let mut buf = vec![0u8; 8192];
@@ -278,7 +285,7 @@ async fn answer(stream: &mut tokio::net::TcpStream, shared: &Shared) {
             Ok(0) | Err(_) => break,
             Ok(n) => len += n,
         }
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if headers_end(&buf[..len]) {
             break;
         }
     }
@@ -312,6 +319,15 @@ async fn answer(stream: &mut tokio::net::TcpStream, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_end_at_a_blank_line_with_either_line_end() {
+        assert!(headers_end(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(headers_end(b"GET /metrics HTTP/1.1\nHost: x\n\n"));
+        assert!(headers_end(b"GET /metrics\n\n"));
+        assert!(!headers_end(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!headers_end(b"GET /metrics HTTP/1.1\n"));
+    }
 
     #[test]
     fn labels_are_escaped() {
