@@ -614,6 +614,13 @@ async fn session(
                     ));
                 }
             }
+            // Reap consumers that ended (queues a reload removed), so that
+            // a long-lived connection does not keep one entry per reload.
+            Some(ended) = consumers.join_next(), if !consumers.is_empty() => {
+                if let Err(e) = ended {
+                    tracing::error!("a queue's consumer ended abnormally: {e}");
+                }
+            }
             _ = poll.tick() => {
                 if !conn.status().connected() {
                     if !conn_lost.is_cancelled() {
