@@ -197,16 +197,19 @@ fn insert_args(t: &mut FieldTable, args: &std::collections::BTreeMap<String, Arg
     }
 }
 
-/// `x-queue-type` for quorum queues (classic queues are declared without it,
-/// so that existing classic queues match).
+/// `x-queue-type`, always given: without it, RabbitMQ 3.13 and later create
+/// a queue of the virtual host's default type, which may be quorum. A
+/// classic queue declared earlier without the argument still matches.
 fn typed(queue: &QueueConfig) -> FieldTable {
+    let kind = match queue.queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
     let mut t = FieldTable::default();
-    if queue.queue_type == QueueType::Quorum {
-        t.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-    }
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(kind)),
+    );
     t
 }
 

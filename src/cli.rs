@@ -704,7 +704,10 @@ fn reply_line(task: &Task) -> String {
     v.to_string()
 }
 
-/// Declares `queue` durable unless it exists (with whatever arguments it has).
+/// Declares `queue` durable and classic, as `run` declares a queue by
+/// default, unless it exists (with whatever arguments it has). The type is
+/// explicit: without it, RabbitMQ 3.13 and later use the virtual host's
+/// default type.
 async fn declare_if_missing(session: &Session, queue: &str) -> Result<(), Failure> {
     let lost = &session.lost;
     let probe = session.channel().await?;
@@ -716,7 +719,12 @@ async fn declare_if_missing(session: &Session, queue: &str) -> Result<(), Failur
         ..QueueDeclareOptions::default()
     };
     let channel = session.channel().await?;
-    lost.race(channel.queue_declare(queue.into(), durable, FieldTable::default()))
+    let mut classic = FieldTable::default();
+    classic.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("classic".into()),
+    );
+    lost.race(channel.queue_declare(queue.into(), durable, classic))
         .await?
         .map_err(|e| Failure::new(1, format!("cannot declare queue \"{queue}\": {e}")))?;
     Ok(())

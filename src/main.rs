@@ -84,7 +84,7 @@ enum Command {
         /// Non-persistent messages (delivery mode 1).
         #[arg(long)]
         transient: bool,
-        /// With --queue: declare the queue (durable) if it does not exist.
+        /// With --queue: declare the queue (durable, classic) if it does not exist.
         #[arg(long, requires = "queue", conflicts_with = "exchange")]
         declare: bool,
         /// Send the messages as tasks and print their replies (JSON lines with --lines).

@@ -72,6 +72,69 @@ async fn quorum_queues_and_their_retry_path() {
     broker.cleanup().await;
 }
 
+/// Classic queues are declared with `x-queue-type = "classic"`: without it,
+/// RabbitMQ 3.13 and later give a queue the virtual host's default type. A
+/// queue declared earlier without the argument (by an earlier version, or
+/// another client) still matches, and so does `publish --declare`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queues_are_declared_with_their_type() {
+    let mut broker = Broker::connect().await;
+    let typed = unique("classic-typed");
+    let untyped = unique("classic-untyped");
+    let cli = unique("classic-cli");
+    broker.owns(&typed);
+    broker.declare(&untyped).await;
+    broker.owns(&cli);
+    let work = Workdir::new();
+    let (status, _, err) = common::cli(
+        &["publish", "--queue", &cli, "--declare", "--body", "x"],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    let config: String = [&typed, &untyped, &cli]
+        .iter()
+        .map(|q| {
+            format!("[[queue]]\nname = \"{q}\"\ncommand = [\"/bin/cat\"]\nbackoff = [\"1s\"]\n")
+        })
+        .collect();
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    let start = Instant::now();
+    while sup.log_text().matches("consuming").count() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            tail(&sup.log_text(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.publish_id(&typed, "m1", b"x").await;
+    broker.publish_id(&untyped, "m2", b"x").await;
+    for q in [&typed, &untyped, &cli] {
+        broker.wait_count(q, 0, Duration::from_secs(30)).await;
+    }
+    let args = list_queues("arguments");
+    for q in [
+        typed.clone(),
+        format!("{typed}.dead"),
+        format!("{typed}.retry.1s"),
+        cli.clone(),
+    ] {
+        let (_, a) = args
+            .iter()
+            .find(|(n, _)| *n == q)
+            .unwrap_or_else(|| panic!("no queue {q}: {args:?}"));
+        assert!(a.contains(r#"{"x-queue-type","classic"}"#), "{q}: {a}");
+    }
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert!(
+        !sup.log_text().contains("PRECONDITION_FAILED"),
+        "{}",
+        tail(&sup.log_text(), 20)
+    );
+    broker.cleanup().await;
+}
+
 /// A quorum retry queue declared the way earlier versions did (without
 /// at-least-once dead-lettering) cannot be declared again with it: it is
 /// used as it is, with a warning, and the queue keeps consuming.
