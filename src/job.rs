@@ -56,12 +56,14 @@ pub async fn handle(
     let cfg = &queue.cfg;
     let props = &delivery.properties;
     let hdrs = props.headers().as_ref();
-    // Only a quorum queue counts redeliveries; on another queue the header
-    // can only come from a publisher (a message forwarded from a quorum
-    // queue, say), and would count runs that never happened here.
+    // Only a quorum queue counts redeliveries, and only a redelivery can
+    // have been counted: on another queue, or on a quorum queue's first
+    // delivery (which the broker passes on as published), the header can
+    // only come from a publisher (a message forwarded from a quorum queue,
+    // say), and would count runs that never happened here.
     let delivery_count = match cfg.queue_type {
-        QueueType::Quorum => headers::int(hdrs, DELIVERY_COUNT_HEADER),
-        QueueType::Classic => None,
+        QueueType::Quorum if delivery.redelivered => headers::int(hdrs, DELIVERY_COUNT_HEADER),
+        _ => None,
     };
     let attempt = policy::attempt_number(headers::int(hdrs, ATTEMPT_HEADER), delivery_count);
     let log = LogContext {

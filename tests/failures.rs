@@ -168,47 +168,108 @@ async fn a_message_from_another_broker_user_is_retried_and_dead_lettered() {
     broker.cleanup().await;
 }
 
+/// Takes the only message of quorum queue `q` and hands it back, `n` times:
+/// its next delivery carries `x-delivery-count` = `n`.
+async fn return_times(broker: &Broker, q: &str, n: usize) {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    for i in 0..n {
+        let start = Instant::now();
+        let m = loop {
+            if let Some(m) = broker
+                .channel
+                .basic_get(q.into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get")
+            {
+                break m;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no message in {q} after {i} returns"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        m.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .expect("nack");
+    }
+}
+
 /// A delivery that a quorum queue returned 18 times without a run
 /// finishing (a message that kills the supervisor, say) is dead-lettered
 /// without running, two returns before RabbitMQ 4's default delivery-limit
-/// of 20 would drop it. On a classic queue
-/// `x-delivery-count` can only be a publisher's header and does not count.
+/// of 20 would drop it; one returned 17 times runs as attempt 18. An
+/// `x-delivery-count` that is only a publisher's header does not count: on a
+/// quorum queue's first delivery (which the broker leaves as published), or
+/// on a classic queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_returned_too_often_is_dead_lettered_without_running() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
     let mut broker = Broker::connect().await;
-    let (quorum, classic) = (unique("redelivered-q"), unique("redelivered-c"));
-    broker.owns(&quorum);
+    let (looped, almost, classic) = (
+        unique("redelivered-q"),
+        unique("redelivered-q2"),
+        unique("redelivered-c"),
+    );
+    for q in [&looped, &almost] {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        broker
+            .channel
+            .queue_declare(
+                q.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .expect("declare a quorum queue");
+        broker.owns(q);
+    }
     broker.owns(&classic);
+    let counted = |id: &str, delivery_count: i64| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-delivery-count".into(),
+            AMQPValue::LongLongInt(delivery_count),
+        );
+        lapin::BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(headers)
+    };
+    broker.publish_id(&looped, "looped", b"0").await;
+    return_times(&broker, &looped, 18).await;
+    broker.publish_id(&almost, "almost", b"0").await;
+    return_times(&broker, &almost, 17).await;
+    broker.publish(&almost, b"0", counted("forged", 25)).await;
+
     let work = Workdir::new();
     let worker = work.script("worker.sh", EXIT_BY_BODY);
     let config = format!(
-        "[[queue]]\nname = \"{quorum}\"\nqueue_type = \"quorum\"\ncommand = [\"{w}\"]\nmax_attempts = 2\n\
+        "[[queue]]\nname = \"{looped}\"\nqueue_type = \"quorum\"\ncommand = [\"{w}\"]\nmax_attempts = 2\n\
+         [[queue]]\nname = \"{almost}\"\nqueue_type = \"quorum\"\ncommand = [\"{w}\"]\nmax_attempts = 2\n\
          [[queue]]\nname = \"{classic}\"\ncommand = [\"{w}\"]\nmax_attempts = 2\n",
         w = worker.display()
     );
     let mut sup = Supervisor::start(&work, &config, &[]);
     sup.wait_log("all queues started", Duration::from_secs(20))
         .await;
-    // The broker adds x-delivery-count from the first return on; a count
-    // given at publish stands in for the returns.
-    let counted = |id: &str, delivery_count: i64| {
-        let mut headers = lapin::types::FieldTable::default();
-        headers.insert(
-            "x-delivery-count".into(),
-            lapin::types::AMQPValue::LongLongInt(delivery_count),
-        );
-        lapin::BasicProperties::default()
-            .with_message_id(id.into())
-            .with_headers(headers)
-    };
-    broker.publish(&quorum, b"0", counted("looped", 18)).await;
-    broker.publish(&quorum, b"0", counted("almost", 17)).await;
     broker
         .publish(&classic, b"0", counted("forwarded", 25))
         .await;
-    let dead_q = format!("{quorum}.dead");
+    let dead_q = format!("{looped}.dead");
     broker.wait_count(&dead_q, 1, Duration::from_secs(30)).await;
-    work.wait_ledger(2, Duration::from_secs(10)).await;
+    work.wait_ledger(3, Duration::from_secs(10)).await;
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(20)).await;
 
@@ -216,6 +277,11 @@ async fn a_delivery_returned_too_often_is_dead_lettered_without_running() {
     let attempts = |id: &str| -> Vec<u32> { by_id[id].iter().map(|r| r.attempt).collect() };
     assert!(!by_id.contains_key("looped"), "ran after 18 returns");
     assert_eq!(attempts("almost"), [18], "1 + 17 returns; succeeds");
+    assert_eq!(
+        attempts("forged"),
+        [1],
+        "a first delivery's header does not count"
+    );
     assert_eq!(
         attempts("forwarded"),
         [1],
@@ -232,9 +298,11 @@ async fn a_delivery_returned_too_often_is_dead_lettered_without_running() {
         header(&dead[0], "x-amqp-exec-attempts").as_deref(),
         Some("19")
     );
-    // Ledger: 3 published = 2 done + 0 waiting + 1 dead.
-    assert_eq!(broker.count(&quorum).await, Some(0));
-    assert_eq!(broker.count(&classic).await, Some(0));
+    // Ledger: 4 published = 3 done + 0 waiting + 1 dead.
+    for q in [&looped, &almost, &classic] {
+        assert_eq!(broker.count(q).await, Some(0));
+    }
+    assert_eq!(broker.count(&format!("{almost}.dead")).await, Some(0));
     assert_eq!(broker.count(&format!("{classic}.dead")).await, Some(0));
     broker.cleanup().await;
 }
