@@ -233,8 +233,8 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
     if queue.single_active_consumer {
         work_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
-    declare(&channel, &queue.name, durable, work_args).await?;
-    declare(&channel, &queue.dead_queue(), durable, typed(queue)).await?;
+    declare_classic(conn, &mut channel, queue, &queue.name, work_args).await?;
+    declare_classic(conn, &mut channel, queue, &queue.dead_queue(), typed(queue)).await?;
     let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
     for delay in delays {
         let name = queue.retry_queue(delay);
@@ -252,7 +252,7 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             AMQPValue::LongString(LongString::from(queue.name.as_str())),
         );
         if queue.queue_type != QueueType::Quorum {
-            declare(&channel, &name, durable, args).await?;
+            declare_classic(conn, &mut channel, queue, &name, args).await?;
             continue;
         }
         // Hand messages back only once the work queue has taken them
@@ -327,6 +327,60 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             })?;
     }
     let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Declares queue `name` (durable) of `queue`'s topology with `args`, which
+/// hold `x-queue-type`. On RabbitMQ 3.13 and later, earlier versions, which
+/// declared classic queues without that argument, got queues of the virtual
+/// host's default type: a classic queue that exists as another type is
+/// declared again without the argument, as it was, with a warning, rather
+/// than left unconsumed.
+async fn declare_classic(
+    conn: &Connection,
+    channel: &mut Channel,
+    queue: &QueueConfig,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), String> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let untyped: std::collections::BTreeMap<_, _> = args
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "x-queue-type")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let e = match declare(channel, name, durable, args).await {
+        Ok(()) => return Ok(()),
+        Err(e) if queue.queue_type == QueueType::Classic && e.contains("x-queue-type") => e,
+        Err(e) => return Err(e),
+    };
+    // The refused declaration closed the channel.
+    *channel = conn
+        .create_channel()
+        .await
+        .map_err(|o| format!("{e}; cannot open a channel: {o}"))?;
+    if declare(channel, name, durable, FieldTable::from(untyped))
+        .await
+        .is_err()
+    {
+        *channel = conn
+            .create_channel()
+            .await
+            .map_err(|o| format!("{e}; cannot open a channel: {o}"))?;
+        return Err(format!(
+            "{e}; it is not a classic queue, as queue_type = \"classic\" (the default) says: \
+             set queue_type to its type"
+        ));
+    }
+    tracing::warn!(
+        queue = %queue.name,
+        "queue \"{name}\" is not a classic queue (declared without x-queue-type, it took the \
+         virtual host's default type): using it as it is; set queue_type = \"quorum\" to match it"
+    );
     Ok(())
 }
 

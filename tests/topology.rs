@@ -135,6 +135,50 @@ async fn classic_queues_are_declared_with_their_type() {
     broker.cleanup().await;
 }
 
+/// A work queue that exists as a quorum queue while the config says classic
+/// (what an earlier version's untyped declaration gets on a virtual host
+/// whose default type is quorum, on RabbitMQ 3.13 and later) is declared
+/// again without `x-queue-type`; where the broker refuses that too (before
+/// 3.13, as here), the error says which key to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classic_queue_that_exists_as_quorum_is_named_with_the_key_to_set() {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let mut broker = Broker::connect().await;
+    let q = unique("typed-quorum");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    broker
+        .channel
+        .queue_declare(
+            q.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare a quorum queue");
+    broker.owns(&q);
+    let work = Workdir::new();
+    let config = format!("[[queue]]\nname = \"{q}\"\ncommand = [\"/bin/cat\"]\n");
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("set queue_type to its type", Duration::from_secs(30))
+        .await;
+    assert!(
+        sup.log_text()
+            .contains(&format!("queue \"{q}\" already exists")),
+        "{}",
+        tail(&sup.log_text(), 20)
+    );
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    broker.cleanup().await;
+}
+
 /// A quorum retry queue declared the way earlier versions did (without
 /// at-least-once dead-lettering) cannot be declared again with it: it is
 /// used as it is, with a warning, and the queue keeps consuming.
