@@ -88,7 +88,10 @@ impl ConfirmChannel {
     /// straight to the channel. [`lapin::Acker::ack`] does the same
     /// through lapin's internal task, which costs a task and two more
     /// thread hand-offs on every job. Ok(false) when the delivery can no
-    /// longer be acked (its channel closed, or it was settled already).
+    /// longer be acked (its channel closed). Unlike `Acker::ack`, this does
+    /// not mark the delivery used (lapin keeps that to itself): the caller
+    /// settles each delivery once, as `job::settle` does. A second settle
+    /// of the tag would make the broker close the channel.
     pub async fn ack(&self, delivery: &lapin::message::Delivery) -> lapin::Result<bool> {
         if !delivery.acker.usable() {
             return Ok(false);
