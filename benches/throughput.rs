@@ -21,8 +21,8 @@
 //! fds, threads and RSS every 10,000 jobs.
 //!
 //! `--compare PATH` instead runs this build's binary and another build of
-//! `amqp-exec` at PATH in turns (`--rounds` pairs, the order swapped every
-//! pair) at concurrency 1 and 4, and prints both with their ratio: a change
+//! `amqp-exec` at PATH in turns (`--rounds` pairs rounded up to even, the
+//! order swapped every pair) at concurrency 1 and 4, and prints both with their ratio: a change
 //! to the hot path is judged against the code before it, on the same machine
 //! at the same time.
 
@@ -132,8 +132,15 @@ impl Broker {
         Broker { conn, ch }
     }
 
+    /// Declares `name` as `amqp-exec run` does by default: durable, and
+    /// classic whatever the virtual host's default type.
     async fn fresh_queue(&self, name: &str) {
         self.delete(name).await;
+        let mut classic = FieldTable::default();
+        classic.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
         self.ch
             .queue_declare(
                 name.into(),
@@ -141,7 +148,7 @@ impl Broker {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                classic,
             )
             .await
             .unwrap();
@@ -537,13 +544,20 @@ fn spawn_latency(n: usize) -> (f64, f64) {
         .unwrap_or_else(|| std::env::current_exe().unwrap().display().to_string());
     for _ in 0..n {
         let headers = format!("{{\"published-ns\":\"{}\"}}", now_ns());
-        let status = service_env(&mut Command::new(&worker))
+        // Pipes as the supervisor gives them, and the same 1-byte body.
+        let mut child = service_env(&mut Command::new(&worker))
             .env("AMQP_EXEC_HEADERS", headers)
             .env(STAMP_ENV, &stamps)
-            .stdin(Stdio::null())
-            .status()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("start the stamping worker");
-        assert!(status.success(), "stamping worker: {status}");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"x").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "stamping worker: {}", out.status);
         std::thread::sleep(Duration::from_millis(8));
     }
     p50_p99(read_stamps(&stamps))
@@ -785,7 +799,9 @@ async fn main() {
     println!(
         "latency from publish to delivery in a plain consumer (no process): p50 {bp50:.2} ms, p99 {bp99:.2} ms"
     );
-    let (sp50, sp99) = spawn_latency(300.min(n));
+    let (sp50, sp99) = tokio::task::spawn_blocking(move || spawn_latency(300.min(n)))
+        .await
+        .unwrap();
     println!(
         "latency from spawn to worker start in a bare loop (no broker): p50 {sp50:.2} ms, p99 {sp99:.2} ms"
     );
@@ -1075,6 +1091,8 @@ async fn compare(other: &str, n: usize, rounds: usize) {
         std::path::Path::new(other).is_file(),
         "--compare {other}: no such file"
     );
+    // Each binary goes first in half the pairs.
+    let rounds = rounds.next_multiple_of(2);
     let broker = Broker::connect().await;
     let queue = format!("bench-compare-{}", std::process::id());
     let body = vec![b'x'; 1024];
