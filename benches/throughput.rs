@@ -22,9 +22,9 @@
 //!
 //! `--compare PATH` instead runs this build's binary and another build of
 //! `amqp-exec` at PATH in turns (`--rounds` pairs rounded up to even, the
-//! order swapped every pair) at concurrency 1 and 4, and prints both with their ratio: a change
-//! to the hot path is judged against the code before it, on the same machine
-//! at the same time.
+//! order swapped every pair) at concurrency 1 and 4 (`--conc 1,4`), and
+//! prints both with their ratio: a change to the hot path is judged against
+//! the code before it, on the same machine at the same time.
 
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -80,6 +80,8 @@ struct Args {
     json: Option<String>,
     soak: Option<usize>,
     compare: Option<String>,
+    /// `--conc 1,4`: the concurrencies `--compare` runs.
+    concs: Vec<usize>,
 }
 
 fn args() -> Args {
@@ -89,6 +91,7 @@ fn args() -> Args {
         json: None,
         soak: None,
         compare: None,
+        concs: vec![1, 4],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -104,6 +107,16 @@ fn args() -> Args {
             "--json" => a.json = it.next(),
             "--soak" => a.soak = it.next().and_then(|n| n.parse().ok()),
             "--compare" => a.compare = Some(it.next().expect("--compare PATH")),
+            "--conc" => {
+                a.concs = it
+                    .next()
+                    .and_then(|l| {
+                        l.split(',')
+                            .map(|c| c.parse().ok().filter(|&c| c > 0))
+                            .collect()
+                    })
+                    .expect("--conc N[,N...] (each at least 1)")
+            }
             _ => {} // cargo passes --bench
         }
     }
@@ -711,7 +724,7 @@ async fn main() {
         return;
     }
     if let Some(other) = &args.compare {
-        compare(other, args.jobs, args.rounds).await;
+        compare(other, args.jobs, args.rounds, &args.concs).await;
         return;
     }
     let n = args.jobs;
@@ -1086,7 +1099,7 @@ async fn soak(total: usize) {
 }
 
 /// `--compare PATH`: this build against the binary at `other`, in turns.
-async fn compare(other: &str, n: usize, rounds: usize) {
+async fn compare(other: &str, n: usize, rounds: usize, concs: &[usize]) {
     assert!(
         std::path::Path::new(other).is_file(),
         "--compare {other}: no such file"
@@ -1111,7 +1124,7 @@ async fn compare(other: &str, n: usize, rounds: usize) {
         "this p50 ms",
         "other p50 ms"
     );
-    for c in [1usize, 4] {
+    for &c in concs {
         let config = queue_config(&queue, c, "/bin/cat");
         let (mut this, mut them) = (Vec::new(), Vec::new());
         let (mut this_p50, mut them_p50) = (Vec::new(), Vec::new());

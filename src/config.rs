@@ -69,6 +69,15 @@ pub struct Config {
     pub queues: Vec<QueueConfig>,
 }
 
+impl Config {
+    /// The most jobs that can run at once: `max_workers`, bounded by the sum
+    /// of the queues' `concurrency`.
+    pub fn jobs_at_once(&self) -> usize {
+        let sum: usize = self.queues.iter().map(|q| q.concurrency).sum();
+        self.max_workers.min(sum)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// Broker URLs, tried in turn (cluster nodes). Never logged unredacted.
@@ -995,6 +1004,19 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         p(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn jobs_at_once_is_max_workers_bounded_by_the_queues() {
+        let q = |name: &str, c: usize| {
+            format!("[[queue]]\nname = \"{name}\"\ncommand = [\"x\"]\nconcurrency = {c}\n")
+        };
+        assert_eq!(p(&q("a", 1)).unwrap().jobs_at_once(), 1);
+        assert_eq!(p(&(q("a", 1) + &q("b", 3))).unwrap().jobs_at_once(), 4);
+        let capped = format!("max_workers = 1\n{}{}", q("a", 2), q("b", 2));
+        assert_eq!(p(&capped).unwrap().jobs_at_once(), 1);
+        let loose = format!("max_workers = 10\n{}", q("a", 2));
+        assert_eq!(p(&loose).unwrap().jobs_at_once(), 2);
     }
 
     #[test]

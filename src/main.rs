@@ -183,10 +183,23 @@ fn main() {
     });
     let named = config.is_some();
     let config_path = config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `run` reads its config before the runtime starts, to size it.
+    let run_config = match &cli.command {
+        Command::Run { .. } => match config::load(&config_path, amqp_url_env().as_deref()) {
+            Ok(cfg) => Some(cfg),
+            Err(e) => {
+                let f = Failure::from(e);
+                eprintln!("amqp-exec: {}", f.message);
+                std::process::exit(f.code);
+            }
+        },
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = run_config.as_ref().and_then(runtime_threads) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("amqp-exec: cannot start the async runtime: {e}");
@@ -196,7 +209,7 @@ fn main() {
     // On a runtime thread, whose stack is broker::THREAD_STACK: the main
     // thread's is smaller, and dead letters may carry deeply nested headers.
     let result = runtime.block_on(async move {
-        match tokio::spawn(dispatch(cli.command, config_path, named)).await {
+        match tokio::spawn(dispatch(cli.command, config_path, named, run_config)).await {
             Ok(result) => result,
             Err(e) => Err(Failure::new(1, format!("internal error: {e}"))),
         }
@@ -205,6 +218,15 @@ fn main() {
         eprintln!("amqp-exec: {}", f.message);
         std::process::exit(f.code);
     }
+}
+
+/// Worker threads for `run`'s runtime: one when the config lets only one
+/// job run at a time, where a second thread only adds wake-ups between the
+/// two on every job; else tokio's default, one per core. None also when
+/// `TOKIO_WORKER_THREADS` is set, which tokio then follows.
+fn runtime_threads(cfg: &config::Config) -> Option<usize> {
+    let set = std::env::var_os("TOKIO_WORKER_THREADS").is_some_and(|v| !v.is_empty());
+    (!set && cfg.jobs_at_once() <= 1).then_some(1)
 }
 
 fn amqp_url_env() -> Option<String> {
@@ -225,14 +247,23 @@ fn cli_broker(
     cli::broker_for_cli(url.as_deref(), config_path, named)
 }
 
-async fn dispatch(command: Command, config_path: PathBuf, named: bool) -> Result<(), Failure> {
+/// `run_config`: `run`'s config, read by `main`.
+async fn dispatch(
+    command: Command,
+    config_path: PathBuf,
+    named: bool,
+    run_config: Option<config::Config>,
+) -> Result<(), Failure> {
     match command {
         Command::Run {
             max_jobs,
             exit_when_idle,
         } => {
             let url_override = amqp_url_env();
-            let cfg = config::load(&config_path, url_override.as_deref())?;
+            let cfg = match run_config {
+                Some(cfg) => cfg,
+                None => config::load(&config_path, url_override.as_deref())?,
+            };
             supervisor::run(
                 cfg,
                 RunOptions {
