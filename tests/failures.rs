@@ -209,7 +209,7 @@ async fn return_times(broker: &Broker, q: &str, n: usize) {
 /// on a classic queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_returned_too_often_is_dead_lettered_without_running() {
-    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use lapin::types::{AMQPValue, FieldTable};
     let mut broker = Broker::connect().await;
     let (looped, almost, classic) = (
         unique("redelivered-q"),
@@ -217,24 +217,7 @@ async fn a_delivery_returned_too_often_is_dead_lettered_without_running() {
         unique("redelivered-c"),
     );
     for q in [&looped, &almost] {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        broker
-            .channel
-            .queue_declare(
-                q.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await
-            .expect("declare a quorum queue");
-        broker.owns(q);
+        broker.declare_quorum(q).await;
     }
     broker.owns(&classic);
     let counted = |id: &str, delivery_count: i64| {

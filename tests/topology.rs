@@ -142,27 +142,9 @@ async fn classic_queues_are_declared_with_their_type() {
 /// 3.13, as here), the error says which key to set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_classic_queue_that_exists_as_quorum_is_named_with_the_key_to_set() {
-    use lapin::types::{AMQPValue, FieldTable, LongString};
     let mut broker = Broker::connect().await;
     let q = unique("typed-quorum");
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    broker
-        .channel
-        .queue_declare(
-            q.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .expect("declare a quorum queue");
-    broker.owns(&q);
+    broker.declare_quorum(&q).await;
     let work = Workdir::new();
     let config = format!("[[queue]]\nname = \"{q}\"\ncommand = [\"/bin/cat\"]\n");
     let mut sup = Supervisor::start(&work, &config, &[]);
@@ -197,18 +179,8 @@ async fn a_quorum_retry_queue_of_an_earlier_version_is_used_as_it_is() {
         args.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
     }
     args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(200));
-    broker
-        .channel
-        .queue_declare(
-            format!("{q}.retry.200ms").as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .expect("declare the retry queue as earlier versions did");
+    // As earlier versions declared it.
+    broker.declare_with(&format!("{q}.retry.200ms"), args).await;
     let work = Workdir::new();
     let config = fails_once_on_quorum(&work, &q);
     let mut sup = Supervisor::start(&work, &config, &[]);

@@ -180,6 +180,21 @@ impl Broker {
 
     /// Declares a durable queue.
     pub async fn declare(&mut self, queue: &str) {
+        self.declare_with(queue, FieldTable::default()).await;
+    }
+
+    /// Declares a durable quorum queue.
+    pub async fn declare_quorum(&mut self, queue: &str) {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        self.declare_with(queue, args).await;
+    }
+
+    /// Declares a durable queue with `args`.
+    pub async fn declare_with(&mut self, queue: &str, args: FieldTable) {
         self.channel
             .queue_declare(
                 queue.into(),
@@ -187,10 +202,10 @@ impl Broker {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                args,
             )
             .await
-            .expect("declare queue");
+            .unwrap_or_else(|e| panic!("declare queue {queue}: {e}"));
         self.owns(queue);
     }
 
