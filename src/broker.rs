@@ -197,20 +197,25 @@ fn insert_args(t: &mut FieldTable, args: &std::collections::BTreeMap<String, Arg
     }
 }
 
-/// `x-queue-type`, always given: without it, RabbitMQ 3.13 and later create
-/// a queue of the virtual host's default type, which may be quorum. A
-/// classic queue declared earlier without the argument still matches.
-fn typed(queue: &QueueConfig) -> FieldTable {
-    let kind = match queue.queue_type {
+/// `x-queue-type` of a queue of type `kind`, always given: without it,
+/// RabbitMQ 3.13 and later create a queue of the virtual host's default
+/// type, which may be quorum. A classic queue declared earlier without the
+/// argument still matches.
+pub fn type_args(kind: QueueType) -> FieldTable {
+    let name = match kind {
         QueueType::Classic => "classic",
         QueueType::Quorum => "quorum",
     };
     let mut t = FieldTable::default();
     t.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(kind)),
+        AMQPValue::LongString(LongString::from(name)),
     );
     t
+}
+
+fn typed(queue: &QueueConfig) -> FieldTable {
+    type_args(queue.queue_type)
 }
 
 /// Declares the queue (with its type, `[queue.arguments]` and
@@ -224,17 +229,13 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             .map_err(|e| format!("cannot open a channel: {e}"))
     };
     let mut channel = open().await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
     let mut work_args = typed(queue);
     insert_args(&mut work_args, &queue.arguments);
     if queue.single_active_consumer {
         work_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
-    declare_classic(conn, &mut channel, queue, &queue.name, work_args).await?;
-    declare_classic(conn, &mut channel, queue, &queue.dead_queue(), typed(queue)).await?;
+    declare_typed(conn, &mut channel, queue, &queue.name, work_args).await?;
+    declare_typed(conn, &mut channel, queue, &queue.dead_queue(), typed(queue)).await?;
     let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
     for delay in delays {
         let name = queue.retry_queue(delay);
@@ -252,7 +253,7 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             AMQPValue::LongString(LongString::from(queue.name.as_str())),
         );
         if queue.queue_type != QueueType::Quorum {
-            declare_classic(conn, &mut channel, queue, &name, args).await?;
+            declare_typed(conn, &mut channel, queue, &name, args).await?;
             continue;
         }
         // Hand messages back only once the work queue has taken them
@@ -266,16 +267,7 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             "x-overflow".into(),
             AMQPValue::LongString(LongString::from("reject-publish")),
         );
-        if let Err(e) = declare(&channel, &name, durable, args).await {
-            // A retry queue declared by an earlier version, without those
-            // two arguments, is used as it is.
-            if !e.contains("already exists with other arguments") {
-                return Err(e);
-            }
-            channel = open().await.map_err(|_| e.clone())?;
-            if declare(&channel, &name, durable, legacy).await.is_err() {
-                return Err(e);
-            }
+        if declare_or_as_before(conn, &mut channel, &name, args, Some(legacy)).await? {
             tracing::warn!(
                 queue = %queue.name,
                 "retry queue \"{name}\" exists without at-least-once dead-lettering (declared by \
@@ -330,68 +322,80 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
     Ok(())
 }
 
-/// Declares queue `name` (durable) of `queue`'s topology with `args`, which
-/// hold `x-queue-type`. On RabbitMQ 3.13 and later, earlier versions, which
+/// Declares queue `name` of `queue`'s topology with `args`, which hold
+/// `x-queue-type`. On RabbitMQ 3.13 and later, earlier versions, which
 /// declared classic queues without that argument, got queues of the virtual
-/// host's default type: a classic queue that exists as another type is
-/// declared again without the argument, as it was, with a warning, rather
-/// than left unconsumed.
-async fn declare_classic(
+/// host's default type: a classic queue that exists as another type is used
+/// as it is, with a warning, rather than left unconsumed.
+async fn declare_typed(
     conn: &Connection,
     channel: &mut Channel,
     queue: &QueueConfig,
     name: &str,
     args: FieldTable,
 ) -> Result<(), String> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
+    let classic = queue.queue_type == QueueType::Classic;
+    let untyped = classic.then(|| {
+        let kept: std::collections::BTreeMap<_, _> = args
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str() != "x-queue-type")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        FieldTable::from(kept)
+    });
+    match declare_or_as_before(conn, channel, name, args, untyped).await {
+        Ok(false) => Ok(()),
+        Ok(true) => {
+            tracing::warn!(
+                queue = %queue.name,
+                "queue \"{name}\" is not a classic queue (declared without x-queue-type, it took the \
+                 virtual host's default type): using it as it is; set queue_type = \"quorum\" to match it"
+            );
+            Ok(())
+        }
+        Err(e) if classic && e.contains("x-queue-type") => Err(format!(
+            "{e}; it is not a classic queue, as queue_type = \"classic\" (the default) says: \
+             set queue_type to its type"
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Declares queue `name` with `args`. Where it exists with other arguments
+/// and `before` is given (the arguments an earlier version declared it
+/// with), declares it again with those, on a new channel, as the refusal
+/// closed the old one: Ok(true) then. An error is the first refusal.
+async fn declare_or_as_before(
+    conn: &Connection,
+    channel: &mut Channel,
+    name: &str,
+    args: FieldTable,
+    before: Option<FieldTable>,
+) -> Result<bool, String> {
+    let e = match declare(channel, name, args).await {
+        Ok(()) => return Ok(false),
+        Err(e) => e,
     };
-    let untyped: std::collections::BTreeMap<_, _> = args
-        .inner()
-        .iter()
-        .filter(|(k, _)| k.as_str() != "x-queue-type")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let e = match declare(channel, name, durable, args).await {
-        Ok(()) => return Ok(()),
-        Err(e) if queue.queue_type == QueueType::Classic && e.contains("x-queue-type") => e,
-        Err(e) => return Err(e),
+    let Some(before) = before.filter(|_| e.contains("already exists with other arguments")) else {
+        return Err(e);
     };
-    // The refused declaration closed the channel.
     *channel = conn
         .create_channel()
         .await
         .map_err(|o| format!("{e}; cannot open a channel: {o}"))?;
-    if declare(channel, name, durable, FieldTable::from(untyped))
-        .await
-        .is_err()
-    {
-        *channel = conn
-            .create_channel()
-            .await
-            .map_err(|o| format!("{e}; cannot open a channel: {o}"))?;
-        return Err(format!(
-            "{e}; it is not a classic queue, as queue_type = \"classic\" (the default) says: \
-             set queue_type to its type"
-        ));
-    }
-    tracing::warn!(
-        queue = %queue.name,
-        "queue \"{name}\" is not a classic queue (declared without x-queue-type, it took the \
-         virtual host's default type): using it as it is; set queue_type = \"quorum\" to match it"
-    );
-    Ok(())
+    declare(channel, name, before).await.map_err(|_| e)?;
+    Ok(true)
 }
 
-async fn declare(
-    channel: &Channel,
-    name: &str,
-    options: QueueDeclareOptions,
-    args: FieldTable,
-) -> Result<(), String> {
+/// Declares queue `name`, durable, with `args`.
+async fn declare(channel: &Channel, name: &str, args: FieldTable) -> Result<(), String> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(name.into(), options, args)
+        .queue_declare(name.into(), durable, args)
         .await
         .map(|_| ())
         .map_err(|e| {

@@ -719,11 +719,7 @@ async fn declare_if_missing(session: &Session, queue: &str) -> Result<(), Failur
         ..QueueDeclareOptions::default()
     };
     let channel = session.channel().await?;
-    let mut classic = FieldTable::default();
-    classic.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("classic".into()),
-    );
+    let classic = broker::type_args(config::QueueType::Classic);
     lost.race(channel.queue_declare(queue.into(), durable, classic))
         .await?
         .map_err(|e| Failure::new(1, format!("cannot declare queue \"{queue}\": {e}")))?;

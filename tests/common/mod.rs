@@ -185,11 +185,7 @@ impl Broker {
 
     /// Declares a durable quorum queue.
     pub async fn declare_quorum(&mut self, queue: &str) {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            lapin::types::AMQPValue::LongString("quorum".into()),
-        );
+        let args = amqp_exec::broker::type_args(amqp_exec::config::QueueType::Quorum);
         self.declare_with(queue, args).await;
     }
 
