@@ -275,6 +275,10 @@ async fn consume(
 
     if matches!(end, End::Stopped | End::SpawnFailed) && channel.status().connected() {
         stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
+        if shared.stop.is_cancelled() {
+            // Closed once its jobs have settled, before the connection.
+            shared.retire_channel(channel);
+        }
     }
     end
 }

@@ -173,6 +173,9 @@ pub struct Shared {
     config_path: PathBuf,
     url_override: Option<String>,
     shutdown_grace: Mutex<Duration>,
+    /// Consumer channels handed over on shutdown, closed before the
+    /// connection; see [`Shared::retire_channel`].
+    retired: Mutex<Vec<lapin::Channel>>,
 }
 
 impl Shared {
@@ -203,6 +206,28 @@ impl Shared {
             config_path: cfg.file.clone(),
             url_override: opts.url_override.clone(),
             shutdown_grace: Mutex::new(cfg.shutdown_grace),
+            retired: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps a consumer's channel, on shutdown, so that it is closed (and
+    /// the close awaited) after the jobs and before the connection. Left to
+    /// its last clone's drop, lapin would close it in the background, racing
+    /// the connection's close, and log that race as a connection error.
+    pub fn retire_channel(&self, channel: lapin::Channel) {
+        self.retired.lock().expect("not poisoned").push(channel);
+    }
+
+    /// Closes the channels of [`Shared::retire_channel`] by `deadline`.
+    async fn close_retired_channels(&self, deadline: tokio::time::Instant) {
+        let channels = std::mem::take(&mut *self.retired.lock().expect("not poisoned"));
+        for channel in channels {
+            if channel.status().connected() {
+                let closing = channel.close(200, "amqp-exec shutting down".into());
+                if tokio::time::timeout_at(deadline, closing).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 
@@ -561,6 +586,8 @@ async fn session(
 ) -> SessionEnd {
     let conn_lost = CancellationToken::new();
     let unreadable = Arc::new(AtomicBool::new(false));
+    // Those of an earlier connection are gone with it.
+    shared.retired.lock().expect("not poisoned").clear();
     let mut events = conn.events_listener();
     let mut watcher = {
         let (conn, conn_lost, unreadable) = (conn.clone(), conn_lost.clone(), unreadable.clone());
@@ -663,8 +690,10 @@ async fn session(
         tracing::warn!("the broker still blocks the connection; closing it without waiting");
         return SessionEnd::Shutdown;
     }
+    let deadline = tokio::time::Instant::now() + CLOSE_LIMIT;
+    shared.close_retired_channels(deadline).await;
     let closing = conn.close(200, "amqp-exec shutting down".into());
-    if tokio::time::timeout(CLOSE_LIMIT, closing).await.is_err() {
+    if tokio::time::timeout_at(deadline, closing).await.is_err() {
         tracing::warn!(
             "the broker did not confirm closing the connection within {}s",
             CLOSE_LIMIT.as_secs()

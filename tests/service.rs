@@ -84,6 +84,48 @@ async fn sigterm_drains_running_jobs_and_starts_no_new_ones() {
         left.iter().all(|d| !done.contains(&message_id(d))),
         "a finished job was not acked"
     );
+    assert_no_error_logged(&sup);
+    broker.cleanup().await;
+}
+
+/// A stop that went as planned says nothing at ERROR level: operators alert
+/// on those lines.
+fn assert_no_error_logged(sup: &Supervisor) {
+    let log = sup.log_text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors.is_empty(),
+        "a clean stop logged errors:\n{}",
+        errors.join("\n")
+    );
+}
+
+/// Idle on SIGTERM, and at the end of `--max-jobs`, the supervisor closes
+/// its channels and its connection without an error line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_logs_no_error() {
+    let mut broker = Broker::connect().await;
+    let q = unique("clean-stop");
+    broker.declare(&q).await;
+    for i in 0..3 {
+        broker.publish_id(&q, &format!("m{i}"), b"x").await;
+    }
+    let config = starting_queue(&q, 2, "0", "");
+
+    let work = Workdir::new();
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "3"]);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert_eq!(work.ledger().len(), 3);
+    assert_no_error_logged(&sup);
+
+    let work = Workdir::new();
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("all queues started", Duration::from_secs(20))
+        .await;
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert_no_error_logged(&sup);
+    assert_eq!(broker.count(&q).await, Some(0));
     broker.cleanup().await;
 }
 
