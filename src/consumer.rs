@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// First and longest pause of a queue whose command cannot be started.
 const PAUSE_MIN: Duration = Duration::from_secs(1);
@@ -191,6 +192,8 @@ async fn consume(
 
     // Jobs settle on the channel their delivery came from.
     let publisher = ConfirmChannel::new(channel.clone(), conn);
+    // The jobs started on this channel, which must settle before it closes.
+    let jobs = TaskTracker::new();
     let mut spawn_failures = queue.spawn_failed.subscribe();
     spawn_failures.borrow_and_update();
     let end = loop {
@@ -263,22 +266,21 @@ async fn consume(
         // Counted before the job is spawned, so that a shutdown's settle
         // limit never sees it without its worker.
         shared.worker_started();
-        shared.tracker.spawn(job::handle(
+        shared.tracker.spawn(jobs.track_future(job::handle(
             delivery,
             publisher.clone(),
             queue.clone(),
             shared.clone(),
             permits,
             conn_lost.clone(),
-        ));
+        )));
     };
 
     if matches!(end, End::Stopped | End::SpawnFailed) && channel.status().connected() {
         stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
-        if shared.stop.is_cancelled() {
-            // Closed once its jobs have settled, before the connection.
-            shared.retire_channel(channel);
-        }
+    }
+    if channel.status().connected() {
+        shared.close_channel_after(channel, jobs);
     }
     end
 }

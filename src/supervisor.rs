@@ -173,9 +173,9 @@ pub struct Shared {
     config_path: PathBuf,
     url_override: Option<String>,
     shutdown_grace: Mutex<Duration>,
-    /// Consumer channels handed over on shutdown, closed before the
-    /// connection; see [`Shared::retire_channel`].
-    retired: Mutex<Vec<lapin::Channel>>,
+    /// Closes the channels of ended consumers once their jobs have settled;
+    /// see [`Shared::close_channel_after`].
+    closers: TaskTracker,
 }
 
 impl Shared {
@@ -206,29 +206,24 @@ impl Shared {
             config_path: cfg.file.clone(),
             url_override: opts.url_override.clone(),
             shutdown_grace: Mutex::new(cfg.shutdown_grace),
-            retired: Mutex::new(Vec::new()),
+            closers: TaskTracker::new(),
         }
     }
 
-    /// Keeps a consumer's channel, on shutdown, so that it is closed (and
-    /// the close awaited) after the jobs and before the connection. Left to
-    /// its last clone's drop, lapin would close it in the background, racing
-    /// the connection's close, and log that race as a connection error.
-    pub fn retire_channel(&self, channel: lapin::Channel) {
-        self.retired.lock().expect("not poisoned").push(channel);
-    }
-
-    /// Closes the channels of [`Shared::retire_channel`] by `deadline`.
-    async fn close_retired_channels(&self, deadline: tokio::time::Instant) {
-        let channels = std::mem::take(&mut *self.retired.lock().expect("not poisoned"));
-        for channel in channels {
+    /// Closes the channel of a consumer that ended, once `jobs` (the jobs
+    /// it started, which settle on it) have all ended. Left to its last
+    /// clone's drop, lapin would close it in the background, which on
+    /// shutdown races the connection's close and is logged as a connection
+    /// error. On shutdown the session waits for these closes, then closes
+    /// the connection.
+    pub fn close_channel_after(&self, channel: lapin::Channel, jobs: TaskTracker) {
+        jobs.close();
+        self.closers.spawn(async move {
+            jobs.wait().await;
             if channel.status().connected() {
-                let closing = channel.close(200, "amqp-exec shutting down".into());
-                if tokio::time::timeout_at(deadline, closing).await.is_err() {
-                    return;
-                }
+                let _ = channel.close(200, "consumer stopped".into()).await;
             }
-        }
+        });
     }
 
     /// A snapshot of the configured queues.
@@ -586,8 +581,6 @@ async fn session(
 ) -> SessionEnd {
     let conn_lost = CancellationToken::new();
     let unreadable = Arc::new(AtomicBool::new(false));
-    // Those of an earlier connection are gone with it.
-    shared.retired.lock().expect("not poisoned").clear();
     let mut events = conn.events_listener();
     let mut watcher = {
         let (conn, conn_lost, unreadable) = (conn.clone(), conn_lost.clone(), unreadable.clone());
@@ -691,7 +684,13 @@ async fn session(
         return SessionEnd::Shutdown;
     }
     let deadline = tokio::time::Instant::now() + CLOSE_LIMIT;
-    shared.close_retired_channels(deadline).await;
+    if shared.tracker.is_empty() {
+        // Every job has ended: the consumers' channels close now. (Jobs
+        // still running were given up; their messages go back with the
+        // connection.)
+        shared.closers.close();
+        let _ = tokio::time::timeout_at(deadline, shared.closers.wait()).await;
+    }
     let closing = conn.close(200, "amqp-exec shutting down".into());
     if tokio::time::timeout_at(deadline, closing).await.is_err() {
         tracing::warn!(

@@ -129,6 +129,42 @@ async fn a_clean_stop_logs_no_error() {
     broker.cleanup().await;
 }
 
+/// A queue that a reload removed keeps its channel until its running job
+/// has settled on it; a shutdown meanwhile waits for that job, and closes
+/// the channel and then the connection without an error line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_after_a_reload_closes_the_removed_queues_channel_cleanly() {
+    let mut broker = Broker::connect().await;
+    let old = unique("clean-stop-removed");
+    let kept = unique("clean-stop-kept");
+    broker.declare(&old).await;
+    broker.declare(&kept).await;
+    let work = Workdir::new();
+    let mut sup = Supervisor::start(
+        &work,
+        &format!(
+            "{}{}",
+            starting_queue(&old, 1, "1", ""),
+            starting_queue(&kept, 1, "0", "")
+        ),
+        &[],
+    );
+    sup.wait_log("all queues started", Duration::from_secs(20))
+        .await;
+    broker.publish_id(&old, "slow", b"x").await;
+    wait_starts(&work, 1, Duration::from_secs(10)).await;
+    work.write("config.toml", &starting_queue(&kept, 1, "0", ""));
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(10)).await;
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    let ids: Vec<String> = work.ledger().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["slow"], "the removed queue's running job finished");
+    assert_eq!(broker.count(&old).await, Some(0), "and was acked");
+    assert_no_error_logged(&sup);
+    broker.cleanup().await;
+}
+
 /// With `max_workers` below the queues' concurrency, a queue can hold a
 /// delivery while it waits for a free worker. On SIGTERM that delivery goes
 /// back to its queue; it does not start when the running job frees its slot.
