@@ -186,6 +186,8 @@ pub struct QueueConfig {
     pub max_body_bytes: usize,
     /// Most stdout bytes sent back as a reply to `reply_to`.
     pub max_reply_bytes: usize,
+    /// Most lines of a job's output (stdout and stderr together) logged.
+    pub max_log_lines: usize,
     pub on_connection_loss: OnConnectionLoss,
     pub sandbox: Sandbox,
     pub policy: Policy,
@@ -255,6 +257,12 @@ enum RawSize {
     Text(String),
 }
 
+/// Lines of one job's output logged when `max_log_lines` is not set: enough
+/// for any unit worker's messages, few enough that a worker printing in a
+/// loop cannot bury the supervisor's own lines, nor use up journald's rate
+/// limit for the whole service.
+pub const DEFAULT_MAX_LOG_LINES: usize = 1000;
+
 /// One `[[queue]]` table, or `[defaults]`: every key is optional here and
 /// checked after the defaults are merged in.
 #[derive(Deserialize, Default)]
@@ -280,6 +288,7 @@ struct RawQueue {
     exit_codes: Option<BTreeMap<String, Action>>,
     max_body_bytes: Option<RawSize>,
     max_reply_bytes: Option<RawSize>,
+    max_log_lines: Option<usize>,
     on_connection_loss: Option<OnConnectionLoss>,
     user: Option<String>,
     group: Option<String>,
@@ -725,6 +734,7 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         kill_grace,
         max_body_bytes,
         max_reply_bytes,
+        max_log_lines: raw.max_log_lines.unwrap_or(DEFAULT_MAX_LOG_LINES),
         on_connection_loss: raw.on_connection_loss.unwrap_or(OnConnectionLoss::Finish),
         sandbox,
         policy: Policy {
@@ -921,6 +931,7 @@ mod tests {
         assert_eq!(c.broker.urls, vec![DEFAULT_URL.to_string()]);
         assert_eq!(c.broker.heartbeat, Duration::from_secs(30));
         assert!(q.declare);
+        assert_eq!(q.max_log_lines, DEFAULT_MAX_LOG_LINES);
     }
 
     #[test]
@@ -930,6 +941,7 @@ mod tests {
             [defaults]
             concurrency = 4
             timeout = "2s"
+            max_log_lines = 0
             [[queue]]
             name = "a"
             command = ["x"]
@@ -937,8 +949,11 @@ mod tests {
             name = "b"
             command = ["y"]
             concurrency = 2
+            max_log_lines = 20
         "#)
         .unwrap();
+        assert_eq!(c.queues[0].max_log_lines, 0);
+        assert_eq!(c.queues[1].max_log_lines, 20);
         assert_eq!(c.queues[0].concurrency, 4);
         assert_eq!(c.queues[0].prefetch, 4);
         assert_eq!(c.queues[1].concurrency, 2);

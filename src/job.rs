@@ -128,6 +128,7 @@ pub async fn handle(
             } else {
                 0
             },
+            max_log_lines: cfg.max_log_lines,
             log: &log,
         };
         let connection_lost =

@@ -19,6 +19,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -55,6 +56,8 @@ pub struct Job<'a> {
     pub kill_grace: Duration,
     /// Keep up to this many bytes of stdout (for replies); 0 keeps none.
     pub capture_stdout: usize,
+    /// Log at most this many lines of output, stdout and stderr together.
+    pub max_log_lines: usize,
     pub log: &'a LogContext,
 }
 
@@ -131,13 +134,14 @@ pub async fn run(
     let mut err = Sink::tail(STDERR_TAIL_BYTES);
     let (stdin, stdout, stderr) = (pipes.stdin_rest, pipes.stdout, pipes.stderr);
     let log = job.log;
+    let budget = LogBudget::new(job.max_log_lines);
     // The pipes borrow the sinks until this block ends.
     let outcome = {
         let io = async {
             tokio::join!(
                 feed(stdin, job.body),
-                pump(stdout, &mut out, Stream::Stdout, log, pid),
-                pump(stderr, &mut err, Stream::Stderr, log, pid),
+                pump(stdout, &mut out, Stream::Stdout, log, pid, &budget),
+                pump(stderr, &mut err, Stream::Stderr, log, pid, &budget),
             );
         };
         tokio::pin!(io);
@@ -221,6 +225,14 @@ pub async fn run(
         }
         outcome
     };
+    let skipped = budget.skipped.load(Ordering::Relaxed);
+    if skipped > 0 && job.max_log_lines > 0 {
+        tracing::warn!(
+            queue = %log.queue, message_id = %log.message_id, attempt = log.attempt, pid = pgid,
+            "the worker wrote {skipped} more line(s) of output than max_log_lines ({}); they were not logged",
+            job.max_log_lines
+        );
+    }
     JobResult {
         outcome,
         pid,
@@ -492,12 +504,41 @@ impl Sink {
     }
 }
 
+/// The lines of one job's output that may still be logged, shared by its
+/// stdout and stderr, and how many were not.
+struct LogBudget {
+    left: AtomicUsize,
+    skipped: AtomicUsize,
+}
+
+impl LogBudget {
+    fn new(lines: usize) -> Self {
+        LogBudget {
+            left: AtomicUsize::new(lines),
+            skipped: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes one line from the budget; false (and counted) when none is left.
+    fn take(&self) -> bool {
+        let took = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !took {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        took
+    }
+}
+
 async fn pump<R: AsyncRead + Unpin>(
     mut reader: R,
     sink: &mut Sink,
     stream: Stream,
     log: &LogContext,
     pid: Option<u32>,
+    budget: &LogBudget,
 ) {
     let mut buf = [0u8; 8 * 1024];
     let mut line: Vec<u8> = Vec::new();
@@ -512,14 +553,16 @@ async fn pump<R: AsyncRead + Unpin>(
         let mut rest = chunk;
         while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
             take_bounded(&mut line, &mut dropped, &rest[..pos]);
-            log_line(&line, dropped, stream, log, pid);
+            if budget.take() {
+                log_line(&line, dropped, stream, log, pid);
+            }
             line.clear();
             dropped = 0;
             rest = &rest[pos + 1..];
         }
         take_bounded(&mut line, &mut dropped, rest);
     }
-    if !line.is_empty() || dropped > 0 {
+    if (!line.is_empty() || dropped > 0) && budget.take() {
         log_line(&line, dropped, stream, log, pid);
     }
 }
@@ -577,8 +620,21 @@ mod tests {
             timeout: Duration::from_secs(5),
             kill_grace: Duration::from_millis(200),
             capture_stdout: 1 << 20,
+            max_log_lines: 1000,
             log,
         }
+    }
+
+    #[test]
+    fn the_log_budget_is_shared_and_counts_what_it_refuses() {
+        let budget = LogBudget::new(2);
+        assert!(budget.take());
+        assert!(budget.take());
+        assert!(!budget.take());
+        assert!(!budget.take());
+        assert_eq!(budget.skipped.load(Ordering::Relaxed), 2);
+        let none = LogBudget::new(0);
+        assert!(!none.take());
     }
 
     /// Alive and not a zombie, allowing a second for a signal already sent

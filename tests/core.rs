@@ -228,6 +228,41 @@ command = ["/bin/sh", "-c", "yes \"$(head -c 1023 /dev/zero | tr '\\0' a)\" | he
     broker.cleanup().await;
 }
 
+/// A worker that prints in a loop cannot flood the log: after
+/// `max_log_lines` lines of its output (stdout and stderr together), the
+/// rest is counted in one line, and the job ends as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_worker_logs_at_most_max_log_lines() {
+    let mut broker = Broker::connect().await;
+    let q = unique("chatty");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let config = format!(
+        r#"
+[[queue]]
+name = "{q}"
+command = ["/bin/sh", "-c", "i=0; while [ $i -lt 30 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"]
+max_log_lines = 10
+"#
+    );
+    broker.publish_id(&q, "chatty", b"").await;
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "1"]);
+    sup.wait_success(Duration::from_secs(30)).await;
+    assert_eq!(broker.count(&q).await, Some(0), "the job was acked");
+    let log = sup.log_text();
+    let worker_lines = log
+        .lines()
+        .filter(|l| l.contains("stream=\"stdout\"") || l.contains("stream=\"stderr\""))
+        .count();
+    assert_eq!(worker_lines, 10, "{}", tail(&log, 20));
+    assert!(
+        log.contains("the worker wrote 50 more line(s) of output than max_log_lines (10)"),
+        "{}",
+        tail(&log, 20)
+    );
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_of_every_type_reach_the_worker_as_json() {
     let mut broker = Broker::connect().await;
