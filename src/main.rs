@@ -79,6 +79,8 @@ enum Command {
         /// Message id; with several messages, ids get a numeric suffix (-1, -2, ...).
         #[arg(long)]
         message_id: Option<String>,
+        /// The content_type property, e.g. `application/json` (the worker
+        /// sees it in AMQP_EXEC_CONTENT_TYPE).
         #[arg(long)]
         content_type: Option<String>,
         /// Non-persistent messages (delivery mode 1).
@@ -111,8 +113,10 @@ enum DeadAction {
         /// Broker URL [default: $AMQP_URL when set and not empty, else the config's].
         #[arg(long)]
         url: Option<String>,
+        /// The work queue whose dead letters (`<QUEUE>.dead`) to list.
         #[arg(long)]
         queue: String,
+        /// List at most this many, oldest first [default: all].
         #[arg(long)]
         limit: Option<u32>,
         /// One JSON object per line.
@@ -124,8 +128,11 @@ enum DeadAction {
         /// Broker URL [default: $AMQP_URL when set and not empty, else the config's].
         #[arg(long)]
         url: Option<String>,
+        /// The work queue whose dead letters (`<QUEUE>.dead`) to replay, and
+        /// where they go back to.
         #[arg(long)]
         queue: String,
+        /// Replay at most this many, oldest first [default: all].
         #[arg(long)]
         limit: Option<u32>,
     },
@@ -134,6 +141,7 @@ enum DeadAction {
         /// Broker URL [default: $AMQP_URL when set and not empty, else the config's].
         #[arg(long)]
         url: Option<String>,
+        /// The work queue whose dead letters (`<QUEUE>.dead`) to delete.
         #[arg(long)]
         queue: String,
         /// Confirm the deletion.
