@@ -150,14 +150,29 @@ enum DeadAction {
     },
 }
 
+/// `eprintln!` that does not panic when stderr is closed (journald
+/// restarted, or the reader of a pipe went away): the message is lost, and
+/// the exit code still says what happened.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // A failed write (stderr closed: journald restarted, or the reader of a
+    // pipe went away) loses the line; by default tracing-subscriber would
+    // report it with `eprintln!`, which panics on the same closed stderr,
+    // in whichever task was logging.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text if journald => builder.with_ansi(false).without_time().init(),
@@ -197,7 +212,7 @@ fn main() {
             Ok(cfg) => Some(cfg),
             Err(e) => {
                 let f = Failure::from(e);
-                eprintln!("amqp-exec: {}", f.message);
+                errln!("amqp-exec: {}", f.message);
                 std::process::exit(f.code);
             }
         },
@@ -210,7 +225,7 @@ fn main() {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("amqp-exec: cannot start the async runtime: {e}");
+            errln!("amqp-exec: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
     };
@@ -223,7 +238,7 @@ fn main() {
         }
     });
     if let Err(f) = result {
-        eprintln!("amqp-exec: {}", f.message);
+        errln!("amqp-exec: {}", f.message);
         std::process::exit(f.code);
     }
 }

@@ -165,6 +165,64 @@ async fn shutdown_after_a_reload_closes_the_removed_queues_channel_cleanly() {
     broker.cleanup().await;
 }
 
+/// With its stderr closed (journald restarted, or the reader of a pipe gone),
+/// the supervisor loses its log lines but nothing else: it keeps running
+/// jobs, and stops on SIGTERM. A failed log write used to panic the task
+/// that logged (tracing-subscriber reported it with `eprintln!`), so the
+/// consumer stopped taking messages and the signal handler never stopped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_stops_neither_jobs_nor_shutdown() {
+    let mut broker = Broker::connect().await;
+    let q = unique("closed-stderr");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let cfg = work.write(
+        "config.toml",
+        &format!(
+            "[[queue]]\nname = \"{q}\"\ncommand = [\"/bin/sh\", \"-c\", \"echo to the log; echo and more >&2; exec \\\"$0\\\"\", \"{}\"]\n",
+            repo("workers/testing/record.sh")
+        ),
+    );
+    let mut child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("AMQP_URL", amqp_url())
+        .env("RECORD_DIR", work.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start amqp-exec");
+    // Close the reading ends before the supervisor writes its first line.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    for i in 0..3 {
+        broker.publish_id(&q, &format!("m{i}"), b"x").await;
+    }
+    work.wait_ledger(3, Duration::from_secs(20)).await;
+    broker.wait_count(&q, 0, Duration::from_secs(10)).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("amqp-exec did not stop on SIGTERM with its stderr closed");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    broker.cleanup().await;
+}
+
 /// With `max_workers` below the queues' concurrency, a queue can hold a
 /// delivery while it waits for a free worker. On SIGTERM that delivery goes
 /// back to its queue; it does not start when the running job frees its slot.
