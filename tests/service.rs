@@ -198,28 +198,17 @@ async fn a_closed_stderr_stops_neither_jobs_nor_shutdown() {
     // Close the reading ends before the supervisor writes its first line.
     drop(child.stdout.take());
     drop(child.stderr.take());
+    let mut sup = Supervisor {
+        child,
+        log: work.file("no-log"),
+    };
     for i in 0..3 {
         broker.publish_id(&q, &format!("m{i}"), b"x").await;
     }
     work.wait_ledger(3, Duration::from_secs(20)).await;
     broker.wait_count(&q, 0, Duration::from_secs(10)).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("amqp-exec did not stop on SIGTERM with its stderr closed");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "exit status {status}");
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(15)).await;
     broker.cleanup().await;
 }
 
