@@ -283,10 +283,7 @@ async fn dispatch(
             exit_when_idle,
         } => {
             let url_override = amqp_url_env();
-            let cfg = match run_config {
-                Some(cfg) => cfg,
-                None => config::load(&config_path, url_override.as_deref())?,
-            };
+            let cfg = run_config.expect("main reads run's config before the runtime starts");
             supervisor::run(
                 cfg,
                 RunOptions {
