@@ -3,6 +3,7 @@
 //! (work queue, one retry queue per backoff delay, dead-letter queue).
 
 use crate::config::{ArgValue, BrokerConfig, QueueConfig, QueueType};
+use crate::headers;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::uri::{AMQPScheme, AMQPUri};
@@ -218,10 +219,81 @@ fn typed(queue: &QueueConfig) -> FieldTable {
     type_args(queue.queue_type)
 }
 
-/// Declares the queue (with its type, `[queue.arguments]` and
-/// `x-single-active-consumer`), its retry queues and its dead-letter queue,
-/// all durable, then the exchanges and bindings of `[[queue.bind]]`, on a
-/// channel of its own (a refused declaration closes its channel).
+/// The `x-delivery-limit` of quorum dead-letter queues: in effect none
+/// (RabbitMQ 4 sets 20 by default; 3.x reads -1 as "drop on the first
+/// return"). `dead list` returns what it shows to the queue, which counts
+/// as a return.
+pub const DEAD_DELIVERY_LIMIT: i64 = i32::MAX as i64;
+
+/// Starts a task that cancels `lost` once `up` says no, checking twice a
+/// second; it ends with `lost`.
+pub fn watch_lost(
+    lost: tokio_util::sync::CancellationToken,
+    up: impl Fn() -> bool + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = lost.cancelled() => return,
+                _ = tick.tick() => {
+                    if !up() {
+                        lost.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// The arguments the work queue of `queue` is declared with: its type,
+/// `[queue.arguments]`, `x-single-active-consumer`, and a dead-letter
+/// exchange to its dead-letter queue (unless the arguments name one), so
+/// that what the broker itself drops (past a delivery limit, say) is kept.
+pub fn work_queue_args(queue: &QueueConfig) -> FieldTable {
+    let mut args = typed(queue);
+    insert_args(&mut args, &queue.arguments);
+    if queue.single_active_consumer {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    if !queue.arguments.contains_key("x-dead-letter-exchange") {
+        insert_dead_letter_args(&mut args, &queue.name);
+    }
+    args
+}
+
+/// Adds the arguments that make the broker dead-letter what it drops from
+/// work queue `queue` to its dead-letter queue.
+pub fn insert_dead_letter_args(args: &mut FieldTable, queue: &str) {
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        long_string(&crate::config::dead_queue_name(queue)),
+    );
+}
+
+/// The arguments of the dead-letter queue of `queue`.
+pub fn dead_queue_args(queue: &QueueConfig) -> FieldTable {
+    let mut args = typed(queue);
+    if queue.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DEAD_DELIVERY_LIMIT),
+        );
+    }
+    args
+}
+
+/// Declares the queue (see [`work_queue_args`]), its retry queues and its
+/// dead-letter queue, all durable, then the exchanges and bindings of
+/// `[[queue.bind]]`, on a channel of its own (a refused declaration closes
+/// its channel). Queues that exist as an earlier version declared them are
+/// used as they are, with a warning that says what they lack.
 pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<(), String> {
     let open = || async {
         conn.create_channel()
@@ -229,13 +301,37 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             .map_err(|e| format!("cannot open a channel: {e}"))
     };
     let mut channel = open().await?;
-    let mut work_args = typed(queue);
-    insert_args(&mut work_args, &queue.arguments);
-    if queue.single_active_consumer {
-        work_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    let work_args = work_queue_args(queue);
+    let dead = queue.dead_queue();
+    let mut before = vec![headers::without(
+        &work_args,
+        &["x-dead-letter-exchange", "x-dead-letter-routing-key"],
+    )];
+    before.retain(|b| b != &work_args);
+    let used = declare_typed(conn, &mut channel, queue, &queue.name, work_args, before).await?;
+    if used == 1 {
+        tracing::warn!(
+            queue = %queue.name,
+            "queue \"{}\" exists without a dead-letter exchange (declared by an earlier version): \
+             messages the broker drops from it (past a delivery limit, say) are lost; give it a \
+             policy with dead-letter-exchange = \"\" and dead-letter-routing-key = \"{dead}\", or \
+             delete it while it is empty to have it declared again",
+            queue.name
+        );
     }
-    declare_typed(conn, &mut channel, queue, &queue.name, work_args).await?;
-    declare_typed(conn, &mut channel, queue, &queue.dead_queue(), typed(queue)).await?;
+    let dead_args = dead_queue_args(queue);
+    let dead_before: Vec<FieldTable> = [headers::without(&dead_args, &["x-delivery-limit"])]
+        .into_iter()
+        .filter(|b| b != &dead_args)
+        .collect();
+    if declare_typed(conn, &mut channel, queue, &dead, dead_args, dead_before).await? == 1 {
+        tracing::warn!(
+            queue = %queue.name,
+            "dead-letter queue \"{dead}\" exists with the broker's delivery limit (declared by an \
+             earlier version): on RabbitMQ 4, a dead letter returned 20 times (each `dead list` \
+             returns what it shows) is dropped; delete it while it is empty to have it declared again"
+        );
+    }
     let delays: BTreeSet<Duration> = queue.policy.backoff.iter().copied().collect();
     for delay in delays {
         let name = queue.retry_queue(delay);
@@ -244,16 +340,13 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(delay.as_millis() as i64),
         );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
+        args.insert("x-dead-letter-exchange".into(), long_string(""));
         args.insert(
             "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(LongString::from(queue.name.as_str())),
+            long_string(queue.name.as_str()),
         );
         if queue.queue_type != QueueType::Quorum {
-            declare_typed(conn, &mut channel, queue, &name, args).await?;
+            declare_typed(conn, &mut channel, queue, &name, args, Vec::new()).await?;
             continue;
         }
         // Hand messages back only once the work queue has taken them
@@ -261,13 +354,10 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
         let legacy = args.clone();
         args.insert(
             "x-dead-letter-strategy".into(),
-            AMQPValue::LongString(LongString::from("at-least-once")),
+            long_string("at-least-once"),
         );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString(LongString::from("reject-publish")),
-        );
-        if declare_or_as_before(conn, &mut channel, &name, args, Some(legacy)).await? {
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        if declare_or_as_before(conn, &mut channel, &name, args, vec![legacy]).await? == 1 {
             tracing::warn!(
                 queue = %queue.name,
                 "retry queue \"{name}\" exists without at-least-once dead-lettering (declared by \
@@ -323,8 +413,10 @@ pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<
 }
 
 /// Declares queue `name` of `queue`'s topology with `args`, which hold
-/// `x-queue-type`. On RabbitMQ 3.13 and later, earlier versions, which
-/// declared classic queues without that argument, got queues of the virtual
+/// `x-queue-type`, else with each of `before` in turn (how earlier versions
+/// declared it); returns 0 for `args`, or which of `before` (from 1) the
+/// queue matched. On RabbitMQ 3.13 and later, earlier versions, which
+/// declared classic queues without `x-queue-type`, got queues of the virtual
 /// host's default type: a classic queue that exists as another type is used
 /// as it is, with a warning, rather than left unconsumed.
 async fn declare_typed(
@@ -333,26 +425,26 @@ async fn declare_typed(
     queue: &QueueConfig,
     name: &str,
     args: FieldTable,
-) -> Result<(), String> {
+    mut before: Vec<FieldTable>,
+) -> Result<usize, String> {
     let classic = queue.queue_type == QueueType::Classic;
-    let untyped = classic.then(|| {
-        let kept: std::collections::BTreeMap<_, _> = args
-            .inner()
-            .iter()
-            .filter(|(k, _)| k.as_str() != "x-queue-type")
-            .map(|(k, v)| (k.clone(), v.clone()))
+    let tries = before.len() + 1;
+    if classic {
+        let untyped: Vec<FieldTable> = std::iter::once(&args)
+            .chain(before.iter())
+            .map(|t| headers::without(t, &["x-queue-type"]))
             .collect();
-        FieldTable::from(kept)
-    });
-    match declare_or_as_before(conn, channel, name, args, untyped).await {
-        Ok(false) => Ok(()),
-        Ok(true) => {
+        before.extend(untyped);
+    }
+    match declare_or_as_before(conn, channel, name, args, before).await {
+        Ok(n) if n < tries => Ok(n),
+        Ok(n) => {
             tracing::warn!(
                 queue = %queue.name,
                 "queue \"{name}\" is not a classic queue (declared without x-queue-type, it took the \
                  virtual host's default type): using it as it is; set queue_type = \"quorum\" to match it"
             );
-            Ok(())
+            Ok(n - tries)
         }
         Err(e) if classic && e.contains("x-queue-type") => Err(format!(
             "{e}; it is not a classic queue, as queue_type = \"classic\" (the default) says: \
@@ -362,30 +454,38 @@ async fn declare_typed(
     }
 }
 
-/// Declares queue `name` with `args`. Where it exists with other arguments
-/// and `before` is given (the arguments an earlier version declared it
-/// with), declares it again with those, on a new channel, as the refusal
-/// closed the old one: Ok(true) then. An error is the first refusal.
+/// Declares queue `name` with `args`. Where it exists with other arguments,
+/// declares it again with each of `before` (the arguments earlier versions
+/// declared it with) in turn, each on a new channel, as a refusal closes
+/// the channel: Ok(n) for the n-th of them (from 1), Ok(0) for `args`. An
+/// error is the first refusal over the queue's type, else the last one.
 async fn declare_or_as_before(
     conn: &Connection,
     channel: &mut Channel,
     name: &str,
     args: FieldTable,
-    before: Option<FieldTable>,
-) -> Result<bool, String> {
-    let e = match declare(channel, name, args).await {
-        Ok(()) => return Ok(false),
+    before: Vec<FieldTable>,
+) -> Result<usize, String> {
+    let mut e = match declare(channel, name, args).await {
+        Ok(()) => return Ok(0),
         Err(e) => e,
     };
-    let Some(before) = before.filter(|_| e.contains("already exists with other arguments")) else {
+    if !e.contains("already exists with other arguments") {
         return Err(e);
-    };
-    *channel = conn
-        .create_channel()
-        .await
-        .map_err(|o| format!("{e}; cannot open a channel: {o}"))?;
-    declare(channel, name, before).await.map_err(|_| e)?;
-    Ok(true)
+    }
+    for (i, args) in before.into_iter().enumerate() {
+        *channel = conn
+            .create_channel()
+            .await
+            .map_err(|o| format!("{e}; cannot open a channel: {o}"))?;
+        match declare(channel, name, args).await {
+            Ok(()) => return Ok(i + 1),
+            // A refusal over the queue's type says the most.
+            Err(other) if !e.contains("'x-queue-type'") => e = other,
+            Err(_) => {}
+        }
+    }
+    Err(e)
 }
 
 /// Declares queue `name`, durable, with `args`.

@@ -3,11 +3,11 @@
 //! purge dead letters).
 
 use crate::config::{self, Config, dead_queue_name};
-use crate::job::{
+use crate::settlement::{
     ATTEMPT_HEADER, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER, EXIT_HEADER, FAILED_AT_HEADER,
-    QUEUE_HEADER, STDERR_HEADER,
+    QUEUE_HEADER, STDERR_HEADER, USER_ID_HEADER,
 };
-use crate::{broker, consumer, headers, job, publish};
+use crate::{broker, consumer, headers, publish, settlement};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueuePurgeOptions,
@@ -704,10 +704,10 @@ fn reply_line(task: &Task) -> String {
     v.to_string()
 }
 
-/// Declares `queue` durable and classic, as `run` declares a queue by
-/// default, unless it exists (with whatever arguments it has). The type is
-/// explicit: without it, RabbitMQ 3.13 and later use the virtual host's
-/// default type.
+/// Declares `queue` durable and classic, with its dead-letter queue as the
+/// dead-letter target, as `run` declares a queue by default, unless it
+/// exists (with whatever arguments it has). The type is explicit: without
+/// it, RabbitMQ 3.13 and later use the virtual host's default type.
 async fn declare_if_missing(session: &Session, queue: &str) -> Result<(), Failure> {
     let lost = &session.lost;
     let probe = session.channel().await?;
@@ -719,7 +719,8 @@ async fn declare_if_missing(session: &Session, queue: &str) -> Result<(), Failur
         ..QueueDeclareOptions::default()
     };
     let channel = session.channel().await?;
-    let classic = broker::type_args(config::QueueType::Classic);
+    let mut classic = broker::type_args(config::QueueType::Classic);
+    broker::insert_dead_letter_args(&mut classic, queue);
     lost.race(channel.queue_declare(queue.into(), durable, classic))
         .await?
         .map_err(|e| Failure::new(1, format!("cannot declare queue \"{queue}\": {e}")))?;
@@ -1028,8 +1029,7 @@ async fn dead_replay_on(
                     // count of a quorum dead queue's returns (`dead list`
                     // adds to it): the attempts start over.
                     .filter(|(k, _)| {
-                        (!k.as_str().starts_with("x-amqp-exec-")
-                            || k.as_str() == job::USER_ID_HEADER)
+                        (!k.as_str().starts_with("x-amqp-exec-") || k.as_str() == USER_ID_HEADER)
                             && k.as_str() != ATTEMPT_HEADER
                             && k.as_str() != DELIVERY_COUNT_HEADER
                     })
@@ -1037,7 +1037,14 @@ async fn dead_replay_on(
                     .collect()
             })
             .unwrap_or_default();
-        let props = job::republished(&d.properties, FieldTable::from(kept));
+        let mut kept = FieldTable::from(kept);
+        if let Some(v) = d.properties.user_id() {
+            kept.insert(
+                USER_ID_HEADER.into(),
+                AMQPValue::LongString(LongString::from(v.as_str())),
+            );
+        }
+        let props = settlement::republished_properties(&d.properties).with_headers(kept);
         if let Err(e) = lost
             .race(publish::publish_confirmed(
                 &publisher, "", queue, &d.data, props,

@@ -57,11 +57,9 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     pub file: PathBuf,
     pub broker: BrokerConfig,
-    /// Cap on running workers across all queues.
-    pub max_workers: usize,
-    /// `max_workers` was set; else it is the sum of the queues' `concurrency`,
-    /// which the queues bound by themselves.
-    pub max_workers_set: bool,
+    /// Cap on running workers across all queues; `None` without the key,
+    /// when the queues' own `concurrency` is the only bound.
+    pub max_workers: Option<usize>,
     /// How long running workers may finish after SIGTERM before they are killed.
     pub shutdown_grace: Duration,
     /// Address of the Prometheus endpoint, if any.
@@ -74,7 +72,7 @@ impl Config {
     /// of the queues' `concurrency`.
     pub fn jobs_at_once(&self) -> usize {
         let sum: usize = self.queues.iter().map(|q| q.concurrency).sum();
-        self.max_workers.min(sum)
+        self.max_workers.map_or(sum, |m| m.min(sum))
     }
 }
 
@@ -189,6 +187,14 @@ pub struct QueueConfig {
     /// Most lines of a job's output (stdout and stderr together) logged.
     pub max_log_lines: usize,
     pub on_connection_loss: OnConnectionLoss,
+    /// `consumer_timeout`: passed to the broker per consumer; `None` leaves
+    /// it to the default derived from the job's worst case.
+    pub consumer_timeout: Option<Duration>,
+    /// A message present at this many connection losses in a row is
+    /// dead-lettered without running; 0 turns the check off.
+    pub max_connection_losses: u32,
+    /// `x-delivery-limit` of `arguments`, if set (negative: unlimited).
+    pub delivery_limit: Option<i64>,
     pub sandbox: Sandbox,
     pub policy: Policy,
 }
@@ -290,6 +296,8 @@ struct RawQueue {
     max_reply_bytes: Option<RawSize>,
     max_log_lines: Option<usize>,
     on_connection_loss: Option<OnConnectionLoss>,
+    consumer_timeout: Option<String>,
+    max_connection_losses: Option<u32>,
     user: Option<String>,
     group: Option<String>,
     memory_limit: Option<RawSize>,
@@ -353,15 +361,13 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         queues.push(queue);
     }
 
-    let total: usize = queues.iter().map(|q| q.concurrency).sum();
     let max_workers = match raw.max_workers {
         Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
             return Err(err(format!(
                 "key `max_workers`: must be between 1 and {MAX_WORKERS}"
             )));
         }
-        Some(n) => n,
-        None => total,
+        other => other,
     };
     let shutdown_grace = match raw.shutdown_grace {
         Some(s) => parse_duration(&s).map_err(|m| err(format!("key `shutdown_grace`: {m}")))?,
@@ -381,7 +387,6 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         file: path.to_owned(),
         broker,
         max_workers,
-        max_workers_set: raw.max_workers.is_some(),
         shutdown_grace,
         metrics_listen,
         queues,
@@ -637,6 +642,29 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
                 .into(),
         );
     }
+    let delivery_limit = match arguments.get("x-delivery-limit") {
+        None => None,
+        Some(ArgValue::Int(n)) => Some(*n),
+        Some(_) => {
+            return Err(
+                "key `arguments`: x-delivery-limit must be an integer (negative: unlimited)".into(),
+            );
+        }
+    };
+    // RabbitMQ checks a consumer's timeout about once a minute, and takes
+    // none below one minute.
+    let consumer_timeout = match raw.consumer_timeout {
+        Some(s) => {
+            let d = parse_duration(&s).map_err(|m| format!("key `consumer_timeout`: {m}"))?;
+            if d < Duration::from_secs(60) {
+                return Err(format!(
+                    "key `consumer_timeout`: {s:?} is below RabbitMQ's minimum of 1m"
+                ));
+            }
+            Some(d)
+        }
+        None => None,
+    };
     let mut bindings = Vec::new();
     for b in raw.bind.unwrap_or_default() {
         let kind = b.kind.unwrap_or_else(|| "direct".into());
@@ -736,6 +764,9 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         max_reply_bytes,
         max_log_lines: raw.max_log_lines.unwrap_or(DEFAULT_MAX_LOG_LINES),
         on_connection_loss: raw.on_connection_loss.unwrap_or(OnConnectionLoss::Finish),
+        consumer_timeout,
+        max_connection_losses: raw.max_connection_losses.unwrap_or(3),
+        delivery_limit,
         sandbox,
         policy: Policy {
             max_attempts,
@@ -927,7 +958,11 @@ mod tests {
         assert_eq!(q.timeout, Duration::from_secs(300));
         assert_eq!(q.policy.max_attempts, 5);
         assert_eq!(q.policy.backoff.len(), 5);
-        assert_eq!(c.max_workers, 1);
+        assert_eq!(c.max_workers, None);
+        assert_eq!(c.jobs_at_once(), 1);
+        assert_eq!(q.max_connection_losses, 3);
+        assert_eq!(q.consumer_timeout, None);
+        assert_eq!(q.delivery_limit, None);
         assert_eq!(c.broker.urls, vec![DEFAULT_URL.to_string()]);
         assert_eq!(c.broker.heartbeat, Duration::from_secs(30));
         assert!(q.declare);
@@ -958,7 +993,7 @@ mod tests {
         assert_eq!(c.queues[0].prefetch, 4);
         assert_eq!(c.queues[1].concurrency, 2);
         assert_eq!(c.queues[1].timeout, Duration::from_secs(2));
-        assert_eq!(c.max_workers, 3);
+        assert_eq!(c.max_workers, Some(3));
     }
 
     #[test]
@@ -1240,6 +1275,32 @@ mod tests {
             ))
             .is_ok()
         );
+    }
+
+    #[test]
+    fn settle_keys() {
+        let c = p(r#"
+            [[queue]]
+            name = "a"
+            command = ["x"]
+            queue_type = "quorum"
+            consumer_timeout = "2h"
+            max_connection_losses = 0
+            [queue.arguments]
+            x-delivery-limit = -1
+        "#)
+        .unwrap();
+        let q = &c.queues[0];
+        assert_eq!(q.consumer_timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(q.max_connection_losses, 0);
+        assert_eq!(q.delivery_limit, Some(-1));
+        let e =
+            error_of("[[queue]]\nname = \"a\"\ncommand = [\"x\"]\nconsumer_timeout = \"30s\"\n");
+        assert!(e.contains("`consumer_timeout`") && e.contains("1m"), "{e}");
+        let e = error_of(
+            "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n[queue.arguments]\nx-delivery-limit = \"5\"\n",
+        );
+        assert!(e.contains("x-delivery-limit"), "{e}");
     }
 
     #[test]

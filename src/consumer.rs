@@ -1,19 +1,22 @@
-//! Consumer loop of one queue on one connection: declares the topology, sets
-//! the prefetch, takes deliveries only when a worker slot is free, and starts
-//! a job for each. It pauses the queue (cancelling its consumer, so other
-//! instances get the messages) when its command cannot be started, and
-//! rebuilds its channel after a channel error.
+//! Consumer loop of one queue on one connection: declares the topology,
+//! waits for the queue's command, sets the prefetch, takes deliveries only
+//! when a worker slot is free, and starts a job for each. It pauses the
+//! queue (cancelling its consumer, so other instances get the messages) when
+//! its command cannot be started or a job's outcome cannot be recorded with
+//! the broker, and rebuilds its channel after a channel error.
 
 use crate::broker;
-use crate::job::{self, Permits};
-use crate::publish::ConfirmChannel;
+use crate::config::QueueConfig;
+use crate::job::{self, Permits, Settler};
+use crate::publish::{CONFIRM_TIMEOUT, ConfirmChannel};
+use crate::runner::PIPE_DRAIN_LIMIT;
 use crate::supervisor::{QueueState, Shared};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, Consumer, message::Delivery};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,12 +35,39 @@ const CHANNEL_RETRY_MAX: Duration = Duration::from_secs(30);
 /// blocks the connection (a resource alarm) nothing can be sent; the
 /// deliveries then go back when the connection closes.
 const CANCEL_LIMIT: Duration = Duration::from_secs(5);
+/// RabbitMQ's default `consumer_timeout`.
+const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The longest a delivery of the queue can stay unacked: the deliveries
+/// prefetched ahead of it run first, then its own job runs to its timeout
+/// and kill grace, its output drains, and its republish and reply wait for
+/// their confirms.
+pub fn worst_case_unacked(cfg: &QueueConfig) -> Duration {
+    let rounds = u32::from(cfg.prefetch).div_ceil(cfg.concurrency.max(1) as u32);
+    let job = cfg.timeout + cfg.kill_grace + PIPE_DRAIN_LIMIT + CONFIRM_TIMEOUT * 2;
+    let rate_wait = if cfg.max_rate.is_some() {
+        Duration::from_secs(2)
+    } else {
+        Duration::ZERO
+    };
+    job * rounds + rate_wait
+}
+
+/// The `x-consumer-timeout` the queue's consumer asks for: its
+/// `consumer_timeout` key, else the worst case with a minute to spare, and
+/// never below RabbitMQ's default.
+pub fn consumer_timeout(cfg: &QueueConfig) -> Duration {
+    cfg.consumer_timeout.unwrap_or_else(|| {
+        (worst_case_unacked(cfg) + Duration::from_secs(60)).max(BROKER_CONSUMER_TIMEOUT)
+    })
+}
 
 enum End {
     /// Shutdown, max-jobs reached, or the connection is gone.
     Stopped,
-    /// A worker could not be started: pause the queue.
-    SpawnFailed,
+    /// A worker could not be started, or a job's outcome could not be
+    /// recorded with the broker: pause the queue.
+    Paused,
     /// The channel failed; rebuild it.
     ChannelError(String),
 }
@@ -51,11 +81,51 @@ pub async fn run_queue(
 ) {
     let mut pause = PAUSE_MIN;
     let mut channel_retry = CHANNEL_RETRY;
-    let mut declared = false;
+    let mut declared = !queue.cfg.declare;
     let mut reported_ready = false;
     loop {
         if queue.stop.is_cancelled() || conn_lost.is_cancelled() {
             break;
+        }
+        // The topology first, whatever the command: the app's messages
+        // wait in the queue rather than being dropped as unroutable.
+        if !declared {
+            match broker::declare_topology(&conn, &queue.cfg).await {
+                Ok(()) => declared = true,
+                Err(e) if queue.takes_over().is_some() && e.contains("other arguments") => {
+                    // A reload changed the queue's arguments, and the broker
+                    // refuses them: the consumer of the running config stays.
+                    tracing::error!(
+                        queue = %queue.name,
+                        "reload: the new settings of the queue cannot be applied ({e}): key \
+                         `arguments` (or `queue_type`) differs from the queue on the broker; the \
+                         consumer of the previous settings keeps running"
+                    );
+                    shared.keep_previous(&queue);
+                    return;
+                }
+                Err(e) => {
+                    if handle_channel_error(
+                        &queue,
+                        &conn,
+                        &shared,
+                        &conn_lost,
+                        &mut reported_ready,
+                        &mut channel_retry,
+                        e,
+                    )
+                    .await
+                    {
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        // The settings of a reload are accepted: the consumer they replace
+        // ends (its running jobs finish).
+        if let Some(previous) = queue.takes_over() {
+            previous.stop.cancel();
         }
         if let Err(why) = command_available(&queue) {
             tracing::error!(
@@ -74,15 +144,7 @@ pub async fn run_queue(
             continue;
         }
         let started = std::time::Instant::now();
-        let end = consume(
-            &queue,
-            &conn,
-            &shared,
-            &conn_lost,
-            &mut declared,
-            &mut reported_ready,
-        )
-        .await;
+        let end = consume(&queue, &conn, &shared, &conn_lost, &mut reported_ready).await;
         // A queue that ran well for a while starts its backoff over.
         if started.elapsed() > PAUSE_MAX {
             pause = PAUSE_MIN;
@@ -90,12 +152,12 @@ pub async fn run_queue(
         }
         match end {
             End::Stopped => break,
-            End::SpawnFailed => {
+            End::Paused => {
                 tracing::error!(
                     queue = %queue.name,
                     "queue paused for {}s: {}; messages were requeued without counting an attempt",
                     pause.as_secs(),
-                    *queue.spawn_failed.borrow()
+                    *queue.pause.borrow()
                 );
                 if !sleep_or_stop(pause, &queue, &conn_lost).await {
                     break;
@@ -103,27 +165,55 @@ pub async fn run_queue(
                 pause = (pause * 2).min(PAUSE_MAX);
             }
             End::ChannelError(e) => {
-                if !conn.status().connected() {
+                if !handle_channel_error(
+                    &queue,
+                    &conn,
+                    &shared,
+                    &conn_lost,
+                    &mut reported_ready,
+                    &mut channel_retry,
+                    e,
+                )
+                .await
+                {
                     break;
                 }
-                tracing::error!(
-                    queue = %queue.name,
-                    "{e}; reopening the channel in {}s",
-                    channel_retry.as_secs()
-                );
-                // The service is up; this queue says in the log what it waits for.
-                if !reported_ready {
-                    reported_ready = true;
-                    shared.queue_ready(false);
-                }
-                if !sleep_or_stop(channel_retry, &queue, &conn_lost).await {
-                    break;
-                }
-                channel_retry = (channel_retry * 2).min(CHANNEL_RETRY_MAX);
-                declared = false;
+                // A queue deleted meanwhile is declared again.
+                declared = !queue.cfg.declare;
             }
         }
     }
+}
+
+/// Logs a channel error and waits before the next try; false when the
+/// queue must stop (shutdown, or the connection is gone).
+async fn handle_channel_error(
+    queue: &QueueState,
+    conn: &Connection,
+    shared: &Shared,
+    conn_lost: &CancellationToken,
+    reported_ready: &mut bool,
+    channel_retry: &mut Duration,
+    e: String,
+) -> bool {
+    if !conn.status().connected() {
+        return false;
+    }
+    tracing::error!(
+        queue = %queue.name,
+        "{e}; reopening the channel in {}s",
+        channel_retry.as_secs()
+    );
+    // The service is up; this queue says in the log what it waits for.
+    if !*reported_ready {
+        *reported_ready = true;
+        shared.queue_ready(false);
+    }
+    if !sleep_or_stop(*channel_retry, queue, conn_lost).await {
+        return false;
+    }
+    *channel_retry = (*channel_retry * 2).min(CHANNEL_RETRY_MAX);
+    true
 }
 
 async fn sleep_or_stop(d: Duration, queue: &QueueState, conn_lost: &CancellationToken) -> bool {
@@ -136,10 +226,9 @@ async fn sleep_or_stop(d: Duration, queue: &QueueState, conn_lost: &Cancellation
 
 async fn consume(
     queue: &Arc<QueueState>,
-    conn: &Connection,
+    conn: &Arc<Connection>,
     shared: &Arc<Shared>,
     conn_lost: &CancellationToken,
-    declared: &mut bool,
     reported_ready: &mut bool,
 ) -> End {
     let cfg = &queue.cfg;
@@ -147,12 +236,6 @@ async fn consume(
         Ok(c) => c,
         Err(e) => return End::ChannelError(format!("cannot open a channel: {e}")),
     };
-    if cfg.declare && !*declared {
-        if let Err(e) = broker::declare_topology(conn, cfg).await {
-            return End::ChannelError(e);
-        }
-        *declared = true;
-    }
     if let Err(e) = channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -165,16 +248,30 @@ async fn consume(
     {
         return End::ChannelError(format!("cannot set prefetch: {e}"));
     }
+    let timeout = consumer_timeout(cfg);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-consumer-timeout".into(),
+        AMQPValue::LongLongInt(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
+    );
     let mut consumer = match channel
         .basic_consume(
             cfg.name.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            args,
         )
         .await
     {
         Ok(c) => c,
+        Err(e) if e.to_string().contains("consumer-timeout") => {
+            return End::ChannelError(format!(
+                "cannot consume from \"{}\": the broker refuses x-consumer-timeout = {}ms \
+                 (key `consumer_timeout`): {e}",
+                cfg.name,
+                timeout.as_millis()
+            ));
+        }
         Err(e) => {
             return End::ChannelError(format!("cannot consume from \"{}\": {e}", cfg.name));
         }
@@ -190,26 +287,57 @@ async fn consume(
         shared.queue_ready(true);
     }
 
-    // Jobs settle on the channel their delivery came from.
-    let publisher = ConfirmChannel::new(channel.clone(), conn);
+    // Jobs settle on the channel their delivery came from, and stop
+    // waiting when it is lost (a consumer_timeout closes the channel alone).
+    let lost = conn_lost.child_token();
+    broker::watch_lost(lost.clone(), {
+        let channel = channel.clone();
+        move || channel.status().connected()
+    });
+    let settler = Settler {
+        channel: ConfirmChannel::new(channel.clone(), conn),
+        conn: conn.clone(),
+        lost: lost.clone(),
+    };
     // The jobs started on this channel, which must settle before it closes.
     let jobs = TaskTracker::new();
-    let mut spawn_failures = queue.spawn_failed.subscribe();
-    spawn_failures.borrow_and_update();
+    let mut pauses = queue.pause.subscribe();
+    pauses.borrow_and_update();
+    let global = &shared.global;
     let end = loop {
         let slot = tokio::select! {
             biased;
             _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
-            _ = spawn_failures.changed() => break End::SpawnFailed,
+            _ = pauses.changed() => break End::Paused,
             p = queue.slots.clone().acquire_owned() => p.expect("queue semaphore is never closed"),
         };
-        let next = tokio::select! {
+        // The global slot before the delivery, so that the delivery does
+        // not wait for one unacked; given up while idle if another queue
+        // waits for it.
+        let mut global_slot = tokio::select! {
             biased;
             _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
-            _ = spawn_failures.changed() => break End::SpawnFailed,
-            d = consumer.next() => d,
+            _ = pauses.changed() => break End::Paused,
+            p = global.acquire() => Some(p),
+        };
+        let next = loop {
+            tokio::select! {
+                biased;
+                _ = queue.stop.cancelled() => break None,
+                _ = conn_lost.cancelled() => break None,
+                _ = pauses.changed() => break Some(None),
+                d = consumer.next() => break Some(Some(d)),
+                _ = global.contended(), if global_slot.is_some() && global.capped() => {
+                    global_slot = None;
+                }
+            }
+        };
+        let next = match next {
+            None => break End::Stopped,
+            Some(None) => break End::Paused,
+            Some(Some(d)) => d,
         };
         let delivery = match next {
             None => break End::ChannelError("the broker cancelled the consumer".into()),
@@ -237,6 +365,7 @@ async fn consume(
             // back, and wait: one of them may still end without an ack.
             nack_requeue(&delivery, conn_lost).await;
             drop(slot);
+            drop(global_slot);
             tokio::select! {
                 biased;
                 _ = queue.stop.cancelled() => break End::Stopped,
@@ -244,43 +373,47 @@ async fn consume(
                 _ = shared.claim_freed() => continue,
             }
         }
-        // With `max_workers` below the queues' concurrency, the delivery may
-        // wait here for a slot: on shutdown or reload it goes back instead.
-        let global = tokio::select! {
-            biased;
-            _ = queue.stop.cancelled() => {
-                nack_requeue(&delivery, conn_lost).await;
-                shared.unclaim_job();
-                break End::Stopped;
-            }
-            _ = conn_lost.cancelled() => {
-                shared.unclaim_job();
-                break End::Stopped;
-            }
-            p = shared.global.clone().acquire_owned() => p.expect("global semaphore is never closed"),
+        // A slot given up while idle: the delivery waits for one, in turn.
+        // On shutdown or reload it goes back instead.
+        let global_slot = match global_slot {
+            Some(p) => p,
+            None => tokio::select! {
+                biased;
+                _ = queue.stop.cancelled() => {
+                    nack_requeue(&delivery, conn_lost).await;
+                    shared.unclaim_job();
+                    break End::Stopped;
+                }
+                _ = conn_lost.cancelled() => {
+                    shared.unclaim_job();
+                    break End::Stopped;
+                }
+                p = global.acquire() => p,
+            },
         };
         let permits = Permits {
             _queue: slot,
-            _global: global,
+            _global: global_slot,
         };
         // Counted before the job is spawned, so that a shutdown's settle
         // limit never sees it without its worker.
         shared.worker_started();
         shared.tracker.spawn(jobs.track_future(job::handle(
             delivery,
-            publisher.clone(),
+            settler.clone(),
             queue.clone(),
             shared.clone(),
             permits,
-            conn_lost.clone(),
         )));
     };
 
-    if matches!(end, End::Stopped | End::SpawnFailed) && channel.status().connected() {
+    if matches!(end, End::Stopped | End::Paused) && channel.status().connected() {
         stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
     }
     if channel.status().connected() {
         shared.close_channel_after(channel, jobs);
+    } else {
+        lost.cancel();
     }
     end
 }

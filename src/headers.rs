@@ -1,5 +1,6 @@
 //! Message headers: converts AMQP field tables to JSON for `AMQP_EXEC_HEADERS`,
-//! and reads the integer headers amqp-exec uses for attempt counting.
+//! reads the integer headers amqp-exec uses for attempt counting, filters
+//! tables, and measures tables and properties in their wire encoding.
 //!
 //! Conversion never panics, whatever the broker sends:
 //! - strings that are valid UTF-8 stay strings; other long strings become
@@ -10,6 +11,7 @@
 //! - nesting deeper than [`MAX_DEPTH`] is cut off as `null`.
 
 use base64::Engine;
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value};
 
@@ -115,6 +117,48 @@ pub fn encoded_size(table: &FieldTable) -> usize {
     size
 }
 
+/// The size of `props` in AMQP's wire encoding (the property flags and
+/// every property present), in bytes.
+pub fn properties_size(props: &BasicProperties) -> usize {
+    let short =
+        |s: &Option<lapin::types::ShortString>| s.as_ref().map_or(0, |s| 1 + s.as_str().len());
+    2 + short(props.content_type())
+        + short(props.content_encoding())
+        + props.headers().as_ref().map_or(0, encoded_size)
+        + props.delivery_mode().map_or(0, |_| 1)
+        + props.priority().map_or(0, |_| 1)
+        + short(props.correlation_id())
+        + short(props.reply_to())
+        + short(props.expiration())
+        + short(props.message_id())
+        + props.timestamp().map_or(0, |_| 8)
+        + short(props.kind())
+        + short(props.user_id())
+        + short(props.app_id())
+        + short(props.cluster_id())
+}
+
+/// The size of the content-header frame that carries `props`: the frame's
+/// header (7 bytes), class, weight and body size (12), the properties, and
+/// the frame end (1). It must not exceed the connection's `frame_max`.
+pub fn header_frame_size(props: &BasicProperties) -> usize {
+    7 + 12 + properties_size(props) + 1
+}
+
+/// `table` without the entries named in `keys`.
+pub fn without(table: &FieldTable, keys: &[&str]) -> FieldTable {
+    if !keys.iter().any(|k| table.contains_key(k)) {
+        return table.clone();
+    }
+    let kept: std::collections::BTreeMap<_, _> = table
+        .inner()
+        .iter()
+        .filter(|(k, _)| !keys.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    FieldTable::from(kept)
+}
+
 /// Reads an integer header of any integer type (or a numeric string).
 pub fn int(table: Option<&FieldTable>, key: &str) -> Option<i64> {
     let value = table?.inner().get(key)?;
@@ -155,6 +199,40 @@ mod tests {
             cookie_factory::r#gen(lapin::types::generation::gen_field_table(table), Vec::new())
                 .unwrap();
         bytes.len()
+    }
+
+    #[test]
+    fn properties_size_is_the_wire_size() {
+        let props = BasicProperties::default()
+            .with_headers(every_type())
+            .with_content_type("text/plain".into())
+            .with_content_encoding("gzip".into())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_expiration("100".into())
+            .with_message_id("m".into())
+            .with_timestamp(7)
+            .with_type("t".into())
+            .with_user_id("u".into())
+            .with_app_id("a".into())
+            .with_cluster_id("cl".into());
+        for p in [props, BasicProperties::default()] {
+            let (bytes, _) =
+                cookie_factory::r#gen(lapin::protocol::basic::gen_properties(&p), Vec::new())
+                    .unwrap();
+            assert_eq!(properties_size(&p), bytes.len());
+        }
+    }
+
+    #[test]
+    fn without_removes_only_the_named_keys() {
+        let t = every_type();
+        let w = without(&t, &["bool", "missing"]);
+        assert!(!w.contains_key("bool"));
+        assert_eq!(w.inner().len(), t.inner().len() - 1);
+        assert_eq!(without(&t, &["missing"]).inner().len(), t.inner().len());
     }
 
     #[test]

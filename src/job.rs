@@ -1,35 +1,43 @@
-//! One delivery from start to settlement: builds the worker's environment,
-//! runs it, asks the policy what to do, and records the outcome with the
-//! broker. A message is acked only after its outcome is safe: success, or a
-//! confirmed republish to the retry or dead-letter queue. Anything else puts
-//! it back in its queue.
+//! One delivery from start to settlement, the executor of the pure settle
+//! step: asks [`settlement::admit`] whether the worker runs, runs it, and
+//! carries out the [`settlement::plan`]: sends its republish and reply with
+//! confirms, then acks or requeues. A message is acked only after its
+//! outcome is safe: success, or a confirmed republish to the retry or
+//! dead-letter queue. Anything else puts it back in its queue.
+//!
+//! A republish that the broker returns (its queue is missing) makes the job
+//! declare the queue's topology again and retry once. If it still fails,
+//! the run's outcome is kept in the instance's [`Memory`], the delivery goes
+//! back, and the queue pauses: the next delivery of the message is settled
+//! with that outcome, without running the worker again.
+//!
+//! A [`JobGuard`] does the end-of-job bookkeeping on every path, a panic
+//! included; a job that panics before settling puts its delivery back.
 
-use crate::config::{OnConnectionLoss, QueueType};
+use crate::broker;
+use crate::config::OnConnectionLoss;
 use crate::headers;
-use crate::metrics::{self, QueueStats};
-use crate::policy::{self, Decision, Outcome};
-use crate::publish::{self, ConfirmChannel};
+use crate::memory::{Memory, MessageKey};
+use crate::metrics;
+use crate::policy::{Decision, Outcome};
+use crate::publish::{self, ConfirmChannel, PublishError};
 use crate::runner::{self, Job, LogContext};
+use crate::settlement::{
+    self, Admission, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
+};
 use crate::supervisor::{QueueState, Shared};
 use lapin::options::BasicNackOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, message::Delivery};
+use lapin::types::ShortString;
+use lapin::{Connection, message::Delivery};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-/// Our attempt counter header: the attempt number the delivery will be.
-pub const ATTEMPT_HEADER: &str = "x-amqp-exec-attempt";
-/// Quorum queues count redeliveries here.
-pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
-pub const EXIT_HEADER: &str = "x-amqp-exec-exit";
-pub const ATTEMPTS_HEADER: &str = "x-amqp-exec-attempts";
-pub const STDERR_HEADER: &str = "x-amqp-exec-stderr";
-pub const FAILED_AT_HEADER: &str = "x-amqp-exec-failed-at";
-pub const QUEUE_HEADER: &str = "x-amqp-exec-queue";
-/// The original `user_id` property of a republished message.
-pub const USER_ID_HEADER: &str = "x-amqp-exec-user-id";
+pub use crate::settlement::{
+    ATTEMPT_HEADER, ATTEMPTS_HEADER, DELIVERY_COUNT_HEADER, DROPPED_HEADER, EXIT_HEADER,
+    FAILED_AT_HEADER, QUEUE_HEADER, STDERR_HEADER, USER_ID_HEADER,
+};
 
 /// `AMQP_EXEC_HEADERS` larger than this is not passed (the kernel limits one
 /// environment string to 128 KiB); `AMQP_EXEC_HEADERS_OMITTED` says so.
@@ -41,31 +49,56 @@ pub struct Permits {
     pub _global: OwnedSemaphorePermit,
 }
 
-/// Runs the job for `delivery` and settles it on `channel`, the channel it
-/// came from. `conn_lost` is cancelled when that channel's connection is
-/// lost: settling then stops waiting, as an ack or publish caught in the
-/// broken connection may never be answered.
+/// The channel a delivery came from, and what a job needs to settle on it.
+#[derive(Clone)]
+pub struct Settler {
+    pub channel: ConfirmChannel,
+    /// For declaring the topology again when a republish finds it missing.
+    pub conn: Arc<Connection>,
+    /// Cancelled when the channel or its connection is lost: settling then
+    /// stops waiting, as an ack or publish caught in it may never be
+    /// answered, and `on_connection_loss = "kill"` stops the worker.
+    pub lost: CancellationToken,
+}
+
+/// How a job's settlement ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// The delivery was acked (success, drop, retry or dead letter).
+    Acked,
+    /// Put back in its queue.
+    Requeued,
+    /// The channel or connection was lost first: the broker requeues it.
+    Lost,
+}
+
+/// Runs the job for `delivery` and settles it on the channel it came from.
 pub async fn handle(
     delivery: Delivery,
-    channel: ConfirmChannel,
+    settler: Settler,
     queue: Arc<QueueState>,
     shared: Arc<Shared>,
     permits: Permits,
-    conn_lost: CancellationToken,
 ) {
     let cfg = &queue.cfg;
     let props = &delivery.properties;
-    let hdrs = props.headers().as_ref();
-    // Only a quorum queue counts redeliveries, and only a redelivery can
-    // have been counted: on another queue, or on a quorum queue's first
-    // delivery (which the broker passes on as published), the header can
-    // only come from a publisher (a message forwarded from a quorum queue,
-    // say), and would count runs that never happened here.
-    let delivery_count = match cfg.queue_type {
-        QueueType::Quorum if delivery.redelivered => headers::int(hdrs, DELIVERY_COUNT_HEADER),
-        _ => None,
+    let key = MessageKey::of(&queue.name, props, &delivery.data);
+    let mut guard = JobGuard::new(&delivery, &queue, &shared, key);
+    let d = Delivered {
+        properties: props,
+        redelivered: delivery.redelivered,
+        body_len: delivery.data.len(),
     };
-    let attempt = policy::attempt_number(headers::int(hdrs, ATTEMPT_HEADER), delivery_count);
+    let recorded = shared.memory.recorded(&guard.key);
+    let known = Known {
+        stopping: shared.interrupt.is_cancelled(),
+        connection_losses: shared.memory.losses(&guard.key),
+        recorded: recorded.as_ref(),
+    };
+    let admission = settlement::admit(d, cfg, known);
+    let attempt = match &admission {
+        Admission::Run { attempt } | Admission::Skip { attempt, .. } => *attempt,
+    };
     let log = LogContext {
         queue: queue.name.clone(),
         message_id: props
@@ -75,447 +108,391 @@ pub async fn handle(
             .unwrap_or_default(),
         attempt,
     };
-
-    metrics::inc(&queue.stats.running);
-    let delivery_limit = match cfg.arguments.get("x-delivery-limit") {
-        Some(crate::config::ArgValue::Int(n)) => Some(*n),
-        _ => None,
+    let (ended, ran) = match admission {
+        Admission::Run { .. } => {
+            let env = message_env(&delivery, &queue, attempt);
+            let job = Job {
+                command: &cfg.command,
+                base_env: &queue.base_env,
+                message_env: &env,
+                working_dir: cfg.working_dir.as_deref(),
+                sandbox: &cfg.sandbox,
+                body: &delivery.data,
+                timeout: cfg.timeout,
+                kill_grace: cfg.kill_grace,
+                capture_stdout: if d.reply_to().is_some() {
+                    cfg.max_reply_bytes
+                } else {
+                    0
+                },
+                max_log_lines: cfg.max_log_lines,
+                log: &log,
+            };
+            let lost = (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&settler.lost);
+            let result = runner::run(job, &shared.interrupt, lost).await;
+            let ran = result.pid.map(|_| result.elapsed);
+            let ended = Ended {
+                outcome: result.outcome,
+                stderr_tail: result.stderr_tail,
+                stdout: result.stdout,
+                stdout_truncated: result.stdout_truncated,
+            };
+            (ended, ran)
+        }
+        Admission::Skip { ended, .. } => {
+            log_skip(&log, &ended, recorded.is_some());
+            (ended, None)
+        }
     };
-    let result = if policy::redelivered_too_often(delivery_count, delivery_limit) {
-        let n = delivery_count.unwrap_or_default();
-        tracing::warn!(
-            queue = %log.queue, message_id = %log.message_id, attempt,
-            "the queue returned the message {n} times without a run finishing; dead-lettering without running a worker"
-        );
-        not_run(
-            Outcome::Redelivered,
-            format!(
-                "returned to its queue {n} times (x-delivery-count) without a run finishing: runs \
-                 cut short (the supervisor stopped or lost its connection while they ran), or \
-                 deliveries handed back unstarted"
-            ),
-        )
-    } else if shared.interrupt.is_cancelled() {
-        // The shutdown grace ran out before this job started.
-        not_run(Outcome::Interrupted, "the supervisor was stopping".into())
-    } else if delivery.data.len() > cfg.max_body_bytes {
-        tracing::warn!(
-            queue = %log.queue, message_id = %log.message_id,
-            "body of {} bytes exceeds max_body_bytes ({}); dead-lettering without running a worker",
-            delivery.data.len(), cfg.max_body_bytes
-        );
-        not_run(
-            Outcome::TooLarge,
-            format!(
-                "body of {} bytes exceeds max_body_bytes = {}",
-                delivery.data.len(),
-                cfg.max_body_bytes
-            ),
-        )
-    } else {
-        let env = message_env(&delivery, &queue, attempt);
-        let job = Job {
-            command: &cfg.command,
-            base_env: &queue.base_env,
-            message_env: &env,
-            working_dir: cfg.working_dir.as_deref(),
-            sandbox: &cfg.sandbox,
-            body: &delivery.data,
-            timeout: cfg.timeout,
-            kill_grace: cfg.kill_grace,
-            capture_stdout: if reply_to(&delivery).is_some() {
-                cfg.max_reply_bytes
-            } else {
-                0
-            },
-            max_log_lines: cfg.max_log_lines,
-            log: &log,
-        };
-        let connection_lost =
-            (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&conn_lost);
-        runner::run(job, &shared.interrupt, connection_lost).await
-    };
-    metrics::dec(&queue.stats.running);
-    // Counted by the consumer before this job was spawned.
-    shared.worker_ended();
-    if result.pid.is_some() {
-        queue.stats.observe_duration(result.elapsed);
-        queue.stats.count_exit(result.outcome.label());
+    guard.worker_done();
+    if let Some(elapsed) = ran {
+        queue.stats.observe_duration(elapsed);
+        queue.stats.count_exit(ended.outcome.label());
     }
+    #[cfg(debug_assertions)]
+    test_fault::panic_once_if_asked(&log.message_id);
 
-    let decision = policy::decide(result.outcome, attempt, &cfg.policy);
+    let plan = settlement::plan(
+        d,
+        cfg,
+        attempt,
+        &ended,
+        settler.channel.frame_max(),
+        SystemTime::now(),
+    );
+    log_plan(
+        &queue,
+        &log,
+        &plan,
+        &ended,
+        ran,
+        settler.channel.frame_max(),
+    );
+    guard.settling();
     let settled = tokio::select! {
         biased;
-        settled = settle(&delivery, &channel, &queue, &log, attempt, &result, decision) => settled,
-        _ = conn_lost.cancelled() => {
+        settled = execute(&plan, &delivery, &settler, &queue, &shared.memory, &guard.key, attempt, &ended, &log) => settled,
+        _ = settler.lost.cancelled() => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
-                "the connection was lost while the job was being settled; the broker will redeliver the message");
-            false
+                "the channel or connection was lost while the job was being settled; the broker will redeliver the message");
+            Settled::Lost
         }
     };
     drop(permits);
-    if !settled && decision != Decision::Requeue {
+    let acked = settled == Settled::Acked;
+    if acked {
+        count(&queue, plan.decision);
+        shared.memory.settled(&guard.key);
+    } else if plan.decision != Decision::Requeue && settled == Settled::Lost {
         metrics::inc(&queue.stats.unsettled);
     }
-    shared.job_finished(settled && decision != Decision::Requeue);
-    if result.outcome == Outcome::SpawnFailed {
-        let why = String::from_utf8_lossy(&result.stderr_tail).into_owned();
-        queue.spawn_failed.send_modify(|last| *last = why);
+    guard.finish(acked);
+    if ended.outcome == Outcome::SpawnFailed {
+        let why = String::from_utf8_lossy(&ended.stderr_tail).into_owned();
+        queue.pause.send_modify(|last| *last = why);
     }
 }
 
-/// The result of a job whose worker was not started, for `reason`.
-fn not_run(outcome: Outcome, reason: String) -> runner::JobResult {
-    runner::JobResult {
-        outcome,
-        pid: None,
-        stderr_tail: reason.into_bytes(),
-        stdout: Vec::new(),
-        stdout_truncated: false,
-        elapsed: Duration::ZERO,
+/// Counts a settled job under its decision.
+fn count(queue: &QueueState, decision: Decision) {
+    let stats = &queue.stats;
+    metrics::inc(match decision {
+        Decision::Ack => &stats.ok,
+        Decision::Drop => &stats.dropped,
+        Decision::Retry { .. } => &stats.retried,
+        Decision::DeadLetter => &stats.dead,
+        Decision::Requeue => &stats.requeued,
+    });
+}
+
+/// Says why a worker was not started.
+fn log_skip(log: &LogContext, ended: &Ended, recorded: bool) {
+    let why = String::from_utf8_lossy(&ended.stderr_tail);
+    match ended.outcome {
+        Outcome::Interrupted => {}
+        _ if recorded => tracing::info!(
+            queue = %log.queue, message_id = %log.message_id, attempt = log.attempt,
+            "the outcome of an earlier run is known (exit {}); settling the message without running a worker",
+            ended.outcome.label()
+        ),
+        _ => tracing::warn!(
+            queue = %log.queue, message_id = %log.message_id, attempt = log.attempt,
+            "{why}; dead-lettering without running a worker"
+        ),
     }
 }
 
-/// Records the decision with the broker; true if the original was acked.
-async fn settle(
-    delivery: &Delivery,
-    channel: &ConfirmChannel,
+/// Logs what the plan is about to do.
+fn log_plan(
     queue: &QueueState,
     log: &LogContext,
-    attempt: u32,
-    result: &runner::JobResult,
-    decision: Decision,
-) -> bool {
-    let stats: &QueueStats = &queue.stats;
-    let label = result.outcome.label();
-    let ms = result.elapsed.as_millis();
-    match decision {
+    plan: &Plan,
+    ended: &Ended,
+    ran: Option<std::time::Duration>,
+    frame_max: usize,
+) {
+    let label = ended.outcome.label();
+    let attempt = log.attempt;
+    let ms = ran.unwrap_or_default().as_millis();
+    match plan.decision {
         Decision::Ack => {
             tracing::debug!(queue = %log.queue, message_id = %log.message_id, attempt, ms, "job done");
-            if !send_reply(delivery, channel, result, attempt, log, false).await {
-                requeue(delivery, log).await;
-                return false;
-            }
-            let ok = ack(delivery, channel, log).await;
-            if ok {
-                metrics::inc(&stats.ok);
-            }
-            ok
         }
         Decision::Drop => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "dropping the message as exit_codes says");
-            if !send_reply(delivery, channel, result, attempt, log, false).await {
-                requeue(delivery, log).await;
-                return false;
-            }
-            let ok = ack(delivery, channel, log).await;
-            if ok {
-                metrics::inc(&stats.dropped);
-            }
-            ok
+        }
+        Decision::Requeue if ended.outcome == Outcome::SpawnFailed => {
+            metrics::inc(&queue.stats.spawn_failures);
+            // One error per pause is logged by the consumer loop.
+            tracing::debug!(
+                queue = %log.queue, message_id = %log.message_id,
+                "{}; requeueing the message without counting an attempt",
+                String::from_utf8_lossy(&ended.stderr_tail)
+            );
         }
         Decision::Requeue => {
-            if result.outcome == Outcome::SpawnFailed {
-                metrics::inc(&stats.spawn_failures);
-                // One error per pause is logged by the consumer loop.
-                tracing::debug!(
-                    queue = %log.queue, message_id = %log.message_id,
-                    "{}; requeueing the message without counting an attempt",
-                    String::from_utf8_lossy(&result.stderr_tail)
-                );
-            } else {
-                tracing::info!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "requeueing the message");
-            }
-            metrics::inc(&stats.requeued);
-            requeue(delivery, log).await;
-            false
+            tracing::info!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "requeueing the message");
         }
         Decision::Retry {
             delay,
             next_attempt,
         } => {
-            let target = queue.cfg.retry_queue(delay);
-            let failure = None;
             tracing::warn!(
                 queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
                 "job failed; retry {next_attempt}/{} in {}", queue.cfg.policy.max_attempts,
                 crate::config::format_duration(delay)
             );
-            let mut table = copy_headers(delivery.properties.headers().as_ref());
-            table.insert(
-                ATTEMPT_HEADER.into(),
-                AMQPValue::LongInt(next_attempt as i32),
-            );
-            table.insert(EXIT_HEADER.into(), long_string(&label));
-            let props = republished(&delivery.properties, table);
-            republish_then_ack(
-                delivery,
-                channel,
-                &target,
-                props,
-                log,
-                &stats.retried,
-                failure,
-            )
-            .await
         }
         Decision::DeadLetter => {
-            let tail = String::from_utf8_lossy(&result.stderr_tail);
+            let tail = String::from_utf8_lossy(&ended.stderr_tail);
             tracing::error!(
                 queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
                 "job failed for good; dead-lettering to {}{}", queue.cfg.dead_queue(),
                 tail.lines().rfind(|l| !l.trim().is_empty()).map(|l| format!(": {l}")).unwrap_or_default()
             );
-            let mut table = copy_headers(delivery.properties.headers().as_ref());
-            table.insert(EXIT_HEADER.into(), long_string(&label));
-            table.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(attempt as i32));
-            table.insert(
-                FAILED_AT_HEADER.into(),
-                long_string(&humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
-            );
-            table.insert(QUEUE_HEADER.into(), long_string(&log.queue));
-            if table.contains_key(ATTEMPT_HEADER) {
-                table.inner_mut_remove(ATTEMPT_HEADER);
-            }
-            let room = stderr_room(&table, channel.frame_max());
-            table.insert(STDERR_HEADER.into(), long_string(last_bytes(&tail, room)));
-            let props = republished(&delivery.properties, table);
-            let target = queue.cfg.dead_queue();
-            let failure = Some((result, attempt));
-            republish_then_ack(delivery, channel, &target, props, log, &stats.dead, failure).await
         }
     }
-}
-
-/// Republishes to `target` with confirms, sends the failure reply if
-/// `failure` is given and the message has `reply_to`, then acks (also when
-/// the failure reply could not be sent).
-async fn republish_then_ack(
-    delivery: &Delivery,
-    channel: &ConfirmChannel,
-    target: &str,
-    props: BasicProperties,
-    log: &LogContext,
-    counter: &std::sync::atomic::AtomicU64,
-    failure: Option<(&runner::JobResult, u32)>,
-) -> bool {
-    match publish::publish_confirmed(channel, "", target, &delivery.data, props).await {
-        Ok(()) => {
-            // The dead letter is safe: a failure reply that cannot be sent
-            // does not run the job again (the caller's wait times out).
-            if let Some((result, attempt)) = failure {
-                send_reply(delivery, channel, result, attempt, log, true).await;
-            }
-            let ok = ack(delivery, channel, log).await;
-            if ok {
-                metrics::inc(counter);
-            }
-            ok
-        }
-        Err(e) => {
-            tracing::error!(
-                queue = %log.queue, message_id = %log.message_id,
-                "could not republish to {target}: {e}; putting the message back in its queue"
-            );
-            // Slow down a loop on a broken retry or dead-letter queue.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            requeue(delivery, log).await;
-            false
-        }
-    }
-}
-
-fn reply_to(delivery: &Delivery) -> Option<&str> {
-    delivery
-        .properties
-        .reply_to()
-        .as_ref()
-        .map(|r| r.as_str())
-        .filter(|r| !r.is_empty())
-}
-
-/// Publishes the job's result to the message's `reply_to`, with its
-/// `correlation_id`: stdout on success; on a final failure, the stderr tail
-/// (also in the `x-amqp-exec-stderr` header). Returns false only if the
-/// channel failed or the broker did not confirm: a request whose reply is
-/// its result is then not acked, so that it runs again. A reply
-/// that cannot be delivered (the caller is gone, the queue does not exist)
-/// is logged and the request is acked all the same.
-async fn send_reply(
-    delivery: &Delivery,
-    channel: &ConfirmChannel,
-    result: &runner::JobResult,
-    attempt: u32,
-    log: &LogContext,
-    failure: bool,
-) -> bool {
-    let Some(to) = reply_to(delivery) else {
-        return true;
-    };
-    let mut h = FieldTable::default();
-    h.insert(EXIT_HEADER.into(), long_string(&result.outcome.label()));
-    h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32));
-    let body: &[u8] = if failure {
-        h.insert(
-            STDERR_HEADER.into(),
-            long_string(&String::from_utf8_lossy(&result.stderr_tail)),
+    if let Some(r) = &plan.republish
+        && !r.dropped.is_empty()
+    {
+        tracing::warn!(
+            queue = %log.queue, message_id = %log.message_id,
+            "the message's headers do not fit the connection's frame_max ({} bytes) beside amqp-exec's: \
+             dropped {} of them from the copy sent to {} ({}: {})",
+            frame_max, r.dropped.len(), r.queue, DROPPED_HEADER, r.dropped.join(", ")
         );
-        &result.stderr_tail
-    } else {
-        &result.stdout
-    };
-    if result.stdout_truncated && !failure {
-        tracing::warn!(queue = %log.queue, message_id = %log.message_id,
-            "worker output exceeds max_reply_bytes; the reply is cut");
-        h.insert("x-amqp-exec-truncated".into(), AMQPValue::Boolean(true));
-    }
-    let direct = to.starts_with("amq.rabbitmq.reply-to");
-    let mut props = BasicProperties::default()
-        .with_headers(h)
-        .with_delivery_mode(if direct { 1 } else { 2 });
-    if let Some(c) = delivery.properties.correlation_id() {
-        props = props.with_correlation_id(c.clone());
-    }
-    match publish::publish_reply(channel, to, body, props).await {
-        Ok(()) => true,
-        Err(e @ (publish::PublishError::Broker(_) | publish::PublishError::TimedOut)) => {
-            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
-                "could not send the reply to {to}: {e}");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
-                "reply to {to} not delivered ({e}): the caller is gone or the queue does not exist");
-            true
-        }
     }
 }
 
-async fn ack(delivery: &Delivery, channel: &ConfirmChannel, log: &LogContext) -> bool {
+/// Carries out `plan` for `delivery`.
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    plan: &Plan,
+    delivery: &Delivery,
+    settler: &Settler,
+    queue: &QueueState,
+    memory: &Memory,
+    key: &MessageKey,
+    attempt: u32,
+    ended: &Ended,
+    log: &LogContext,
+) -> Settled {
+    if let Some(r) = &plan.republish
+        && let Err(e) =
+            republish(settler, queue, &r.queue, &delivery.data, &r.properties, log).await
+    {
+        tracing::error!(
+            queue = %log.queue, message_id = %log.message_id,
+            "could not republish to {}: {e}; the message goes back to its queue, and its outcome is \
+             kept so that it is settled without running again",
+            r.queue
+        );
+        memory.record(
+            key.clone(),
+            Recorded {
+                attempt,
+                ended: ended.clone(),
+            },
+        );
+        let requeued = requeue(delivery, log).await;
+        queue
+            .pause
+            .send_modify(|why| *why = format!("could not republish to {}: {e}", r.queue));
+        return requeued;
+    }
+    if let Some(reply) = &plan.reply {
+        let body: &[u8] = match reply.body {
+            ReplyBody::Stdout => &ended.stdout,
+            ReplyBody::StderrTail => &ended.stderr_tail,
+        };
+        if ended.stdout_truncated && reply.body == ReplyBody::Stdout {
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                "worker output exceeds max_reply_bytes; the reply is cut");
+        }
+        let to = reply.to.as_str();
+        match publish::publish_reply(
+            &settler.channel,
+            to,
+            body,
+            reply.properties.clone(),
+            reply.mandatory,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e @ (PublishError::Broker(_) | PublishError::TimedOut)) => {
+                tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                    "could not send the reply to {to}: {e}");
+                if reply.required {
+                    return requeue(delivery, log).await;
+                }
+            }
+            Err(e) => {
+                // The dead letter is safe, or the result is not deliverable
+                // anyway: the caller is gone or the queue does not exist.
+                tracing::warn!(queue = %log.queue, message_id = %log.message_id,
+                    "reply to {to} not delivered ({e}): the caller is gone or the queue does not exist");
+            }
+        }
+    }
+    match plan.settle {
+        Settle::Ack => ack(delivery, &settler.channel, log).await,
+        Settle::Requeue => requeue(delivery, log).await,
+    }
+}
+
+/// Publishes a retry or dead letter to `target` with confirms. When the
+/// broker returns it (the queue is missing) and the queue's topology is
+/// ours to declare, declares it again and retries once.
+async fn republish(
+    settler: &Settler,
+    queue: &QueueState,
+    target: &str,
+    body: &[u8],
+    props: &lapin::BasicProperties,
+    log: &LogContext,
+) -> Result<(), PublishError> {
+    let send = || publish::publish_confirmed(&settler.channel, "", target, body, props.clone());
+    match send().await {
+        Err(PublishError::Returned(why)) if queue.cfg.declare => {
+            tracing::warn!(
+                queue = %log.queue, message_id = %log.message_id,
+                "{target} is missing ({why}): declaring the queue's topology again"
+            );
+            if let Err(e) = broker::declare_topology(&settler.conn, &queue.cfg).await {
+                tracing::error!(queue = %log.queue, "{e}");
+                return Err(PublishError::Returned(why));
+            }
+            send().await
+        }
+        other => other,
+    }
+}
+
+async fn ack(delivery: &Delivery, channel: &ConfirmChannel, log: &LogContext) -> Settled {
     match channel.ack(delivery).await {
-        Ok(true) => true,
+        Ok(true) => Settled::Acked,
         Ok(false) => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "the channel closed before the job could be acked; the broker will redeliver the message");
-            false
+            Settled::Lost
         }
         Err(e) => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "ack failed ({e}); the broker will redeliver the message");
-            false
+            Settled::Lost
         }
     }
 }
 
-async fn requeue(delivery: &Delivery, log: &LogContext) {
+async fn requeue(delivery: &Delivery, log: &LogContext) -> Settled {
     let opts = BasicNackOptions {
         requeue: true,
         multiple: false,
     };
     match delivery.acker.nack(opts).await {
-        Ok(true) => {}
+        Ok(true) => Settled::Requeued,
         Ok(false) | Err(_) => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "the channel closed before the message could be requeued; the broker requeues it itself");
+            Settled::Lost
         }
     }
 }
 
-/// The properties of a retry or dead letter: the original ones with new
-/// headers, and without a per-message TTL (`expiration`), which would let
-/// the broker drop the message from the retry or dead-letter queue.
-/// `user_id` moves to the `x-amqp-exec-user-id` header: the broker closes
-/// the channel of a publish whose `user_id` is not the connection's user.
-pub fn republished(original: &BasicProperties, mut headers: FieldTable) -> BasicProperties {
-    if let Some(v) = original.user_id() {
-        headers.insert(USER_ID_HEADER.into(), long_string(v.as_str()));
-    }
-    let mut props = BasicProperties::default()
-        .with_headers(headers)
-        .with_delivery_mode(original.delivery_mode().unwrap_or(2));
-    if let Some(v) = original.content_type() {
-        props = props.with_content_type(v.clone());
-    }
-    if let Some(v) = original.content_encoding() {
-        props = props.with_content_encoding(v.clone());
-    }
-    if let Some(v) = original.priority() {
-        props = props.with_priority(*v);
-    }
-    if let Some(v) = original.correlation_id() {
-        props = props.with_correlation_id(v.clone());
-    }
-    if let Some(v) = original.reply_to() {
-        props = props.with_reply_to(v.clone());
-    }
-    if let Some(v) = original.message_id() {
-        props = props.with_message_id(v.clone());
-    }
-    if let Some(v) = original.timestamp() {
-        props = props.with_timestamp(*v);
-    }
-    if let Some(v) = original.kind() {
-        props = props.with_type(v.clone());
-    }
-    if let Some(v) = original.app_id() {
-        props = props.with_app_id(v.clone());
-    }
-    if let Some(v) = original.cluster_id() {
-        props = props.with_cluster_id(v.clone());
-    }
-    props
+/// The end-of-job bookkeeping, done on every path: the worker and running
+/// counts, the instance's memory of messages in hand, `--max-jobs`. A job
+/// dropped before it began settling (a panic) puts its delivery back.
+struct JobGuard<'a> {
+    acker: lapin::Acker,
+    queue: &'a QueueState,
+    shared: &'a Shared,
+    key: MessageKey,
+    worker_running: bool,
+    /// Whether the delivery still needs settling by the guard.
+    unsettled: bool,
+    acked: Option<bool>,
 }
 
-fn long_string(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
-
-/// Room kept in a message's header frame for the properties besides the
-/// headers (at most ten short strings and a few numbers) and the frame's own
-/// bytes.
-const PROPERTIES_RESERVE: usize = 3 * 1024;
-
-/// How many bytes of stderr fit in the dead letter's `x-amqp-exec-stderr`
-/// beside `table`: a header frame larger than the connection's `frame_max`
-/// would make the broker close the connection.
-fn stderr_room(table: &FieldTable, frame_max: usize) -> usize {
-    // The header's key and its long string's type and length.
-    let entry = 1 + STDERR_HEADER.len() + 1 + 4;
-    frame_max.saturating_sub(PROPERTIES_RESERVE + headers::encoded_size(table) + entry)
-}
-
-/// The end of `text`, at most `max` bytes, cut at a character boundary.
-fn last_bytes(text: &str, max: usize) -> &str {
-    let mut start = text.len().saturating_sub(max);
-    while !text.is_char_boundary(start) {
-        start += 1;
+impl<'a> JobGuard<'a> {
+    fn new(
+        delivery: &Delivery,
+        queue: &'a QueueState,
+        shared: &'a Shared,
+        key: MessageKey,
+    ) -> Self {
+        metrics::inc(&queue.stats.running);
+        shared.memory.started(&key);
+        JobGuard {
+            acker: delivery.acker.clone(),
+            queue,
+            shared,
+            key,
+            worker_running: true,
+            unsettled: true,
+            acked: None,
+        }
     }
-    &text[start..]
-}
 
-/// The headers to republish with: the original ones minus the quorum
-/// queue's delivery count, which belongs to the old message.
-fn copy_headers(table: Option<&FieldTable>) -> FieldTable {
-    let mut t = table.cloned().unwrap_or_default();
-    if t.contains_key(DELIVERY_COUNT_HEADER) {
-        t.inner_mut_remove(DELIVERY_COUNT_HEADER);
+    /// The worker has ended (or was never started).
+    fn worker_done(&mut self) {
+        if std::mem::take(&mut self.worker_running) {
+            metrics::dec(&self.queue.stats.running);
+            // Counted by the consumer before this job was spawned.
+            self.shared.worker_ended();
+        }
     }
-    t
+
+    /// Settling begins: from here on the executor settles the delivery.
+    fn settling(&mut self) {
+        self.unsettled = false;
+    }
+
+    fn finish(mut self, acked: bool) {
+        self.acked = Some(acked);
+    }
 }
 
-trait RemoveKey {
-    fn inner_mut_remove(&mut self, key: &str);
-}
-
-impl RemoveKey for FieldTable {
-    fn inner_mut_remove(&mut self, key: &str) {
-        let kept: std::collections::BTreeMap<ShortString, AMQPValue> = self
-            .inner()
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        *self = FieldTable::from(kept);
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        self.worker_done();
+        self.shared.memory.finished(&self.key);
+        if self.unsettled {
+            tracing::error!(
+                queue = %self.queue.name,
+                "a job ended abnormally before its message was settled; putting the message back in its queue"
+            );
+            let acker = self.acker.clone();
+            tokio::spawn(async move {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+            });
+        }
+        self.shared.job_finished(self.acked.unwrap_or(false));
     }
 }
 
@@ -572,44 +549,23 @@ fn clean(s: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A fault for the tests, in debug builds only: the job of the message whose
+/// id is `AMQP_EXEC_TEST_PANIC_ID` panics once, after its worker ran and
+/// before it is settled.
+#[cfg(debug_assertions)]
+mod test_fault {
+    use std::sync::atomic::{AtomicBool, Ordering};
 
-    #[test]
-    fn republishing_moves_user_id_to_a_header() {
-        let original = BasicProperties::default()
-            .with_user_id("app".into())
-            .with_message_id("m1".into())
-            .with_expiration("5000".into());
-        let props = republished(&original, FieldTable::default());
-        assert_eq!(props.user_id(), &None);
-        assert_eq!(props.expiration(), &None);
-        assert_eq!(props.message_id(), original.message_id());
-        let h = props.headers().as_ref().unwrap();
-        assert_eq!(h.inner().get(USER_ID_HEADER), Some(&long_string("app")));
-        let plain = republished(&BasicProperties::default(), FieldTable::default());
-        assert!(plain.headers().as_ref().unwrap().inner().is_empty());
-    }
+    static FIRED: AtomicBool = AtomicBool::new(false);
 
-    #[test]
-    fn last_bytes_cuts_at_a_character_boundary() {
-        assert_eq!(last_bytes("héllo", 4), "llo");
-        assert_eq!(last_bytes("héllo", 5), "éllo");
-        assert_eq!(last_bytes("abc", 10), "abc");
-        assert_eq!(last_bytes("abc", 0), "");
-    }
-
-    #[test]
-    fn stderr_room_keeps_the_header_frame_within_frame_max() {
-        let entry = 1 + STDERR_HEADER.len() + 1 + 4;
-        let mut t = FieldTable::default();
-        assert_eq!(
-            stderr_room(&t, 131_072),
-            131_072 - PROPERTIES_RESERVE - 4 - entry
-        );
-        t.insert("big".into(), long_string(&"v".repeat(130_000)));
-        assert_eq!(stderr_room(&t, 131_072), 0);
-        assert!(stderr_room(&t, usize::MAX) > 4096);
+    pub fn panic_once_if_asked(message_id: &str) {
+        if message_id.is_empty() {
+            return;
+        }
+        if std::env::var("AMQP_EXEC_TEST_PANIC_ID").is_ok_and(|id| id == message_id)
+            && !FIRED.swap(true, Ordering::SeqCst)
+        {
+            panic!("test fault: AMQP_EXEC_TEST_PANIC_ID = {message_id}");
+        }
     }
 }

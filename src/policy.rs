@@ -28,6 +28,10 @@ pub enum Outcome {
     /// [`redelivered_too_often`]): runs cut short (a message that kills the
     /// supervisor, say) or deliveries handed back. No worker was started.
     Redelivered,
+    /// The supervisor lost its broker connection while handling this
+    /// message `max_connection_losses` times in a row: a message that takes
+    /// the connection down. No worker was started.
+    ConnectionLosses,
     /// The supervisor stopped the worker (shutdown grace expired, or the
     /// connection was lost): not the message's fault.
     Interrupted,
@@ -36,7 +40,7 @@ pub enum Outcome {
 impl Outcome {
     /// The label used in the `x-amqp-exec-exit` header and in logs: the exit
     /// code, the signal name, or "timeout", "spawn", "too-large",
-    /// "redelivered", "interrupted".
+    /// "redelivered", "connection-losses", "interrupted".
     pub fn label(&self) -> String {
         match self {
             Outcome::Exit(c) => c.to_string(),
@@ -45,6 +49,7 @@ impl Outcome {
             Outcome::SpawnFailed => "spawn".into(),
             Outcome::TooLarge => "too-large".into(),
             Outcome::Redelivered => "redelivered".into(),
+            Outcome::ConnectionLosses => "connection-losses".into(),
             Outcome::Interrupted => "interrupted".into(),
         }
     }
@@ -100,7 +105,7 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
             _ => Action::Retry,
         }),
         Outcome::Signal(_) | Outcome::Timeout => Action::Retry,
-        Outcome::TooLarge | Outcome::Redelivered => Action::DeadLetter,
+        Outcome::TooLarge | Outcome::Redelivered | Outcome::ConnectionLosses => Action::DeadLetter,
         Outcome::SpawnFailed | Outcome::Interrupted => Action::Requeue,
     };
     match action {
@@ -116,21 +121,22 @@ pub fn decide(outcome: Outcome, attempt: u32, policy: &Policy) -> Decision {
     }
 }
 
-/// RabbitMQ 4's default `delivery-limit` of quorum queues: a message
-/// returned more often is dropped (the work queue has no dead-letter
-/// exchange).
+/// RabbitMQ 4's default `delivery-limit` of quorum queues: past it, the
+/// broker dead-letters the message (to `<queue>.dead`, as amqp-exec declares
+/// work queues).
 pub const DEFAULT_DELIVERY_LIMIT: i64 = 20;
 
 /// Whether a quorum queue's count of returns (`x-delivery-count`) says the
 /// delivery keeps coming back without a run finishing; then it is
 /// dead-lettered without running ([`Outcome::Redelivered`]). A run that
 /// fails is counted by `max_attempts`; this catches what never gets that far.
-/// It fires two returns before `delivery_limit` (the queue's, else
-/// RabbitMQ 4's default), so that the broker does not drop the message
-/// first should the dead letter fail once and the message go back.
+/// It fires two returns before `delivery_limit` (the queue's
+/// `x-delivery-limit`, else RabbitMQ 4's default), so that amqp-exec, not
+/// the broker, dead-letters it, with its headers. A negative limit means
+/// unlimited, as RabbitMQ 4 reads it: it never fires.
 pub fn redelivered_too_often(delivery_count: Option<i64>, delivery_limit: Option<i64>) -> bool {
     let limit = delivery_limit.unwrap_or(DEFAULT_DELIVERY_LIMIT);
-    delivery_count.is_some_and(|n| n >= (limit - 2).max(1))
+    limit >= 0 && delivery_count.is_some_and(|n| n >= (limit - 2).max(1))
 }
 
 /// The delay after the `attempt`-th run failed: `backoff[attempt - 1]`,
@@ -246,6 +252,9 @@ mod tests {
         // A limit of 1 or 2 leaves no room for the margin: the first return.
         assert!(!redelivered_too_often(Some(0), Some(2)));
         assert!(redelivered_too_often(Some(1), Some(1)));
+        // Negative: unlimited.
+        assert!(!redelivered_too_often(Some(1), Some(-1)));
+        assert!(!redelivered_too_often(Some(i64::MAX), Some(-5)));
     }
 
     #[test]
@@ -266,5 +275,6 @@ mod tests {
         assert_eq!(Outcome::SpawnFailed.label(), "spawn");
         assert_eq!(Outcome::TooLarge.label(), "too-large");
         assert_eq!(Outcome::Redelivered.label(), "redelivered");
+        assert_eq!(Outcome::ConnectionLosses.label(), "connection-losses");
     }
 }

@@ -161,15 +161,15 @@ async fn send_with(
 }
 
 /// Publishes a reply and waits for its confirm. Replies to RabbitMQ's direct
-/// reply-to pseudo-queue are not mandatory: the broker returns them as
+/// reply-to pseudo-queue must not be `mandatory`: the broker returns them as
 /// unroutable even when it delivers them.
 pub async fn publish_reply(
     channel: &ConfirmChannel,
     reply_to: &str,
     body: &[u8],
     properties: BasicProperties,
+    mandatory: bool,
 ) -> Result<(), PublishError> {
-    let mandatory = !reply_to.starts_with("amq.rabbitmq.reply-to");
     let confirm = channel
         .send("", reply_to, body, properties, mandatory)
         .await?;

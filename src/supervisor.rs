@@ -6,7 +6,9 @@
 //! workers (shutdown grace expired, or a second signal).
 
 use crate::config::{self, Config, QueueConfig};
+use crate::memory::Memory;
 use crate::metrics::{self, GlobalStats, QueueStats};
+use crate::slots::{GlobalSlots, QueueSlots};
 use crate::{broker, consumer, runner, systemd};
 use futures_lite::StreamExt;
 use std::ffi::OsString;
@@ -54,12 +56,16 @@ pub struct QueueState {
     /// The environment every worker of the queue starts with.
     pub base_env: Vec<(OsString, OsString)>,
     pub stats: Arc<QueueStats>,
-    /// Set (and so signalled) by a job whose worker could not be started:
-    /// why it could not.
-    pub spawn_failed: watch::Sender<String>,
+    /// Set (and so signalled) by a job when the queue must pause: its
+    /// worker could not be started, or its outcome could not be recorded
+    /// with the broker. Why.
+    pub pause: watch::Sender<String>,
     /// Ends this queue's consumer (shutdown, or the queue was removed or
     /// changed by a reload). Running jobs are not affected.
     pub stop: CancellationToken,
+    /// The state this one replaces after a reload changed the queue: its
+    /// consumer runs until this one's settings are accepted by the broker.
+    previous: Mutex<Option<Arc<QueueState>>>,
     /// `max_rate`: when the next job may start.
     next_start: tokio::sync::Mutex<tokio::time::Instant>,
 }
@@ -70,27 +76,25 @@ impl QueueState {
     }
 
     /// A queue's new state after a reload changed its config; it keeps the
-    /// counters and the worker slots, whose number follows the new
-    /// concurrency: workers still running hold theirs, so a lower limit
-    /// takes effect as they finish.
-    fn replacing(cfg: QueueConfig, shared: &Shared, old: Option<&QueueState>) -> Self {
-        let slots = match old {
-            Some(o) => {
-                resize(&o.slots, o.cfg.concurrency, cfg.concurrency);
-                o.slots.clone()
-            }
-            None => Arc::new(Semaphore::new(cfg.concurrency)),
-        };
+    /// counters, and the queue's worker slots (see [`QueueSlots`]), whose
+    /// number follows the new concurrency.
+    fn replacing(cfg: QueueConfig, shared: &Shared, old: Option<&Arc<QueueState>>) -> Self {
         QueueState {
             name: Arc::from(cfg.name.as_str()),
-            slots,
+            slots: shared.queue_slots.for_queue(&cfg.name, cfg.concurrency),
             base_env: worker_env(&cfg),
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
-            spawn_failed: watch::Sender::new(String::new()),
+            pause: watch::Sender::new(String::new()),
             stop: shared.stop.child_token(),
+            previous: Mutex::new(old.cloned()),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             cfg,
         }
+    }
+
+    /// The state this one replaces, until its settings are accepted.
+    pub fn takes_over(&self) -> Option<Arc<QueueState>> {
+        self.previous.lock().expect("not poisoned").clone()
     }
 
     /// Waits for this queue's turn under `max_rate` (shared by its workers).
@@ -120,28 +124,15 @@ impl QueueState {
     }
 }
 
-/// Resizes a semaphore of `was` permits to `now`. Fewer permits are taken
-/// as running jobs give theirs back, so that those jobs finish first.
-fn resize(slots: &Arc<Semaphore>, was: usize, now: usize) {
-    if now > was {
-        slots.add_permits(now - was);
-    } else if now < was {
-        // Concurrency is at most 65535 (config), so the surplus fits.
-        let surplus = (was - now) as u32;
-        let taken = slots.clone();
-        tokio::spawn(async move {
-            if let Ok(permits) = taken.acquire_many_owned(surplus).await {
-                permits.forget();
-            }
-        });
-    }
-}
-
 /// State shared by the connection loop, the consumer loops and the jobs.
 pub struct Shared {
-    /// `max_workers` permits. Without a `max_workers` key there is no cap
+    /// `max_workers` slots. Without a `max_workers` key there is no cap
     /// beyond the queues' own `concurrency`, so reloads never wait on it.
-    pub global: Arc<Semaphore>,
+    pub global: GlobalSlots,
+    /// The queues' `concurrency` slots, by name, across reloads.
+    queue_slots: QueueSlots,
+    /// What the instance remembers of messages across deliveries.
+    pub memory: Memory,
     pub stop: CancellationToken,
     pub interrupt: CancellationToken,
     /// When jobs still settling after `interrupt` are given up; see
@@ -181,11 +172,9 @@ pub struct Shared {
 impl Shared {
     fn new(cfg: &Config, opts: &RunOptions) -> Self {
         Shared {
-            global: Arc::new(Semaphore::new(if cfg.max_workers_set {
-                cfg.max_workers
-            } else {
-                Semaphore::MAX_PERMITS
-            })),
+            global: GlobalSlots::new(cfg.max_workers),
+            queue_slots: QueueSlots::default(),
+            memory: Memory::default(),
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             settle_deadline: Mutex::new(None),
@@ -224,6 +213,20 @@ impl Shared {
                 let _ = channel.close(200, "consumer stopped".into()).await;
             }
         });
+    }
+
+    /// A reload's new settings for `queue` were refused by the broker: the
+    /// state they replace is configured again, its consumer still running.
+    pub fn keep_previous(&self, queue: &QueueState) {
+        let Some(previous) = queue.previous.lock().expect("not poisoned").take() else {
+            return;
+        };
+        let mut queues = self.queues.write().expect("not poisoned");
+        for q in queues.iter_mut() {
+            if std::ptr::eq(Arc::as_ptr(q), queue) {
+                *q = previous.clone();
+            }
+        }
     }
 
     /// A snapshot of the configured queues.
@@ -404,12 +407,17 @@ fn warn_about(q: &QueueConfig) {
             "running as root and the queue has no `user`: its workers run as root"
         );
     }
-    if q.timeout > Duration::from_secs(30 * 60) {
+    let worst = consumer::worst_case_unacked(q);
+    if worst > Duration::from_secs(30 * 60) {
         tracing::warn!(
             queue = %q.name,
-            "timeout {} exceeds RabbitMQ's default consumer_timeout (30m): raise consumer_timeout \
-             on the broker, or the broker will close the channel of long jobs",
-            config::format_duration(q.timeout)
+            "a delivery may stay unacked for up to {} (timeout, kill_grace, confirm waits and the \
+             deliveries prefetched ahead of it), more than RabbitMQ's default consumer_timeout \
+             (30m): amqp-exec asks for x-consumer-timeout = {} per consumer (key \
+             `consumer_timeout`), which RabbitMQ 4.3 and later honour; on older brokers raise \
+             consumer_timeout in rabbitmq.conf, or the broker closes the channel of long jobs",
+            config::format_duration(worst),
+            config::format_duration(consumer::consumer_timeout(q))
         );
     }
 }
@@ -572,6 +580,65 @@ enum SessionEnd {
     Unreadable,
 }
 
+/// Watches the connection: logs its events (blocked, unblocked, errors),
+/// and once it is lost (an error event, or its state seen by a check every
+/// second), counts the messages in hand as present at a loss (see
+/// [`Memory::connection_lost`]) and cancels `conn_lost`. Ends with whether
+/// the loss came from a message the client could not read.
+fn watch_connection(
+    conn: Arc<lapin::Connection>,
+    shared: Arc<Shared>,
+    conn_lost: CancellationToken,
+) -> tokio::task::JoinHandle<bool> {
+    let mut events = conn.events_listener();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut events_open = true;
+        let lost = loop {
+            tokio::select! {
+                event = events.next(), if events_open => match event {
+                    // lapin reports here both a lost connection (its state is
+                    // already set) and a channel the broker closed with an
+                    // error. The latter is that queue's alone: its consumer
+                    // logs the error and rebuilds the channel.
+                    Some(lapin::Event::Error(e)) if !conn.status().connected() => break Some(e),
+                    Some(lapin::Event::Error(e)) => tracing::debug!("the broker closed a channel: {e}"),
+                    Some(lapin::Event::ConnectionBlocked(reason)) => tracing::warn!(
+                        "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
+                    ),
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        tracing::info!("the broker unblocked publishing")
+                    }
+                    Some(_) => {}
+                    None => events_open = false,
+                },
+                _ = tick.tick() => {
+                    if !conn.status().connected() {
+                        // Read the error that says why, if it follows.
+                        match tokio::time::timeout(Duration::from_millis(200), events.next()).await {
+                            Ok(Some(lapin::Event::Error(e))) => break Some(e),
+                            _ => break None,
+                        }
+                    }
+                }
+            }
+        };
+        let unreadable = match &lost {
+            Some(e) => {
+                tracing::error!("connection lost: {e}");
+                matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
+            }
+            None => {
+                tracing::error!("connection lost");
+                false
+            }
+        };
+        shared.memory.connection_lost();
+        conn_lost.cancel();
+        unreadable
+    })
+}
+
 /// Runs all consumers on one connection until shutdown or until the
 /// connection is lost.
 async fn session(
@@ -580,36 +647,7 @@ async fn session(
     reload_rx: &mut mpsc::Receiver<()>,
 ) -> SessionEnd {
     let conn_lost = CancellationToken::new();
-    let unreadable = Arc::new(AtomicBool::new(false));
-    let mut events = conn.events_listener();
-    let mut watcher = {
-        let (conn, conn_lost, unreadable) = (conn.clone(), conn_lost.clone(), unreadable.clone());
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    // lapin reports here both a lost connection (its state is
-                    // already set) and a channel the broker closed with an error.
-                    // The latter is that queue's alone: its consumer logs the
-                    // error and rebuilds the channel; the other queues carry on.
-                    lapin::Event::Error(e) if !conn.status().connected() => {
-                        tracing::error!("connection lost: {e}");
-                        if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) {
-                            unreadable.store(true, Ordering::SeqCst);
-                        }
-                        conn_lost.cancel();
-                    }
-                    lapin::Event::Error(e) => tracing::debug!("the broker closed a channel: {e}"),
-                    lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
-                        "the broker blocked publishing ({reason}): retries and dead letters wait until it unblocks"
-                    ),
-                    lapin::Event::ConnectionUnblocked => {
-                        tracing::info!("the broker unblocked publishing")
-                    }
-                    _ => {}
-                }
-            }
-        })
-    };
+    let watcher = watch_connection(conn.clone(), shared.clone(), conn_lost.clone());
     let mut consumers = tokio::task::JoinSet::new();
     for q in shared.queues() {
         consumers.spawn(consumer::run_queue(
@@ -619,7 +657,6 @@ async fn session(
             conn_lost.clone(),
         ));
     }
-    let mut poll = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = conn_lost.cancelled() => break,
@@ -641,15 +678,6 @@ async fn session(
                     tracing::error!("a queue's consumer ended abnormally: {e}");
                 }
             }
-            _ = poll.tick() => {
-                if !conn.status().connected() {
-                    if !conn_lost.is_cancelled() {
-                        tracing::error!("connection lost");
-                    }
-                    conn_lost.cancel();
-                    break;
-                }
-            }
         }
     }
     while consumers.join_next().await.is_some() {}
@@ -663,13 +691,8 @@ async fn session(
                  they cannot be acked and the broker will redeliver their messages"
             );
         }
-        if !unreadable.load(Ordering::SeqCst) {
-            // The poll may have seen the loss first: let the watcher read
-            // the error that says why.
-            let _ = tokio::time::timeout(Duration::from_millis(200), &mut watcher).await;
-        }
-        watcher.abort();
-        return if unreadable.load(Ordering::SeqCst) {
+        // The watcher cancelled `conn_lost`, and has ended.
+        return if watcher.await.unwrap_or(false) {
             SessionEnd::Unreadable
         } else {
             SessionEnd::Lost
@@ -779,7 +802,7 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
             Some(old) => {
                 tracing::info!(queue = %qc.name, "reload: queue changed; restarting its consumer");
                 warn_about(&qc);
-                old.stop.cancel();
+                // The old consumer stops once the broker took the new settings.
                 let q = Arc::new(QueueState::replacing(qc, shared, Some(old)));
                 next.push(q.clone());
                 started.push(q);

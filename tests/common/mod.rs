@@ -178,14 +178,18 @@ impl Broker {
         self.cleanup.push(queue.to_owned());
     }
 
-    /// Declares a durable queue.
+    /// Declares a durable work queue with the dead-letter arguments that
+    /// `run` declares it with.
     pub async fn declare(&mut self, queue: &str) {
-        self.declare_with(queue, FieldTable::default()).await;
+        let mut args = FieldTable::default();
+        amqp_exec::broker::insert_dead_letter_args(&mut args, queue);
+        self.declare_with(queue, args).await;
     }
 
-    /// Declares a durable quorum queue.
+    /// Declares a durable quorum work queue, as `run` does.
     pub async fn declare_quorum(&mut self, queue: &str) {
-        let args = amqp_exec::broker::type_args(amqp_exec::config::QueueType::Quorum);
+        let mut args = amqp_exec::broker::type_args(amqp_exec::config::QueueType::Quorum);
+        amqp_exec::broker::insert_dead_letter_args(&mut args, queue);
         self.declare_with(queue, args).await;
     }
 

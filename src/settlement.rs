@@ -1,0 +1,868 @@
+//! The settle step as pure decisions, no I/O.
+//!
+//! - [`admit`]: from a delivery's metadata and what this instance remembers
+//!   of it, whether its worker runs, and as which attempt.
+//! - [`plan`]: from the delivery and how its job ended, a [`Plan`]: the
+//!   republish (retry or dead letter) and the reply to send, with their
+//!   properties, then whether to ack or requeue the delivery.
+//!
+//! Every publish a plan makes fits the connection's `frame_max`: a larger
+//! header frame would make the broker close the whole connection, and with
+//! it every job's ack. A dead letter's stderr tail is cut to the room left;
+//! headers copied from the publisher are dropped, largest first, only until
+//! ours (and the last [`STDERR_KEPT`] bytes of stderr) fit, and the names
+//! dropped are recorded in [`DROPPED_HEADER`]. `job.rs` carries plans out.
+
+use crate::config::{QueueConfig, QueueType};
+use crate::headers;
+use crate::policy::{self, Decision, Outcome};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::time::SystemTime;
+
+/// Our attempt counter header: the attempt number the delivery will be.
+pub const ATTEMPT_HEADER: &str = "x-amqp-exec-attempt";
+/// Quorum queues count redeliveries here.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+pub const EXIT_HEADER: &str = "x-amqp-exec-exit";
+pub const ATTEMPTS_HEADER: &str = "x-amqp-exec-attempts";
+pub const STDERR_HEADER: &str = "x-amqp-exec-stderr";
+pub const FAILED_AT_HEADER: &str = "x-amqp-exec-failed-at";
+pub const QUEUE_HEADER: &str = "x-amqp-exec-queue";
+/// The original `user_id` property of a republished message.
+pub const USER_ID_HEADER: &str = "x-amqp-exec-user-id";
+/// A reply cut at `max_reply_bytes`.
+pub const TRUNCATED_HEADER: &str = "x-amqp-exec-truncated";
+/// The names of the publisher's headers dropped so that a republish fits
+/// the connection's `frame_max`.
+pub const DROPPED_HEADER: &str = "x-amqp-exec-dropped-headers";
+/// The longest [`DROPPED_HEADER`] value, in bytes.
+const DROPPED_MAX: usize = 512;
+/// The end of the stderr tail a dead letter keeps even when the publisher's
+/// headers must be dropped for it; a longer tail is cut to the room left.
+const STDERR_KEPT: usize = 512;
+
+/// What the settle step reads of a delivery.
+#[derive(Clone, Copy)]
+pub struct Delivered<'a> {
+    pub properties: &'a BasicProperties,
+    pub redelivered: bool,
+    pub body_len: usize,
+}
+
+impl Delivered<'_> {
+    /// The `reply_to` property, when set and not empty.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.properties
+            .reply_to()
+            .as_ref()
+            .map(|r| r.as_str())
+            .filter(|r| !r.is_empty())
+    }
+
+    fn headers(&self) -> Option<&FieldTable> {
+        self.properties.headers().as_ref()
+    }
+}
+
+/// How a job ended, as far as settling it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub outcome: Outcome,
+    /// The end of the worker's stderr, or why no worker ran.
+    pub stderr_tail: Vec<u8>,
+    /// The worker's stdout, kept when a reply is due.
+    pub stdout: Vec<u8>,
+    pub stdout_truncated: bool,
+}
+
+impl Ended {
+    /// A job whose worker was not started, for `reason`.
+    pub fn not_run(outcome: Outcome, reason: String) -> Ended {
+        Ended {
+            outcome,
+            stderr_tail: reason.into_bytes(),
+            stdout: Vec::new(),
+            stdout_truncated: false,
+        }
+    }
+}
+
+/// The outcome of an earlier run of a message whose settlement could not be
+/// carried out (its republish failed): the next delivery of the message is
+/// settled with it, without running the worker again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub attempt: u32,
+    pub ended: Ended,
+}
+
+/// What this instance knows of a delivery beyond its metadata.
+#[derive(Default, Clone, Copy)]
+pub struct Known<'a> {
+    /// The supervisor is stopping and the shutdown grace ran out.
+    pub stopping: bool,
+    /// Connection losses in a row at which the message was being handled.
+    pub connection_losses: u32,
+    /// The outcome of a run of the message that is not settled yet.
+    pub recorded: Option<&'a Recorded>,
+}
+
+/// Whether a delivery's worker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Run {
+        attempt: u32,
+    },
+    /// No worker runs: the job ended as `ended`.
+    Skip {
+        attempt: u32,
+        ended: Ended,
+    },
+}
+
+/// Decides whether the delivery's worker runs, and its attempt number: our
+/// own attempt header plus, on a quorum queue's redelivery, the broker's
+/// count of returns.
+pub fn admit(d: Delivered<'_>, cfg: &QueueConfig, known: Known<'_>) -> Admission {
+    if let Some(r) = known.recorded {
+        return Admission::Skip {
+            attempt: r.attempt,
+            ended: r.ended.clone(),
+        };
+    }
+    // Only a quorum queue counts returns, and only a redelivery can have
+    // been counted: elsewhere the header can only come from a publisher.
+    let delivery_count = match cfg.queue_type {
+        QueueType::Quorum if d.redelivered => headers::int(d.headers(), DELIVERY_COUNT_HEADER),
+        _ => None,
+    };
+    let attempt = policy::attempt_number(headers::int(d.headers(), ATTEMPT_HEADER), delivery_count);
+    let skip = |outcome, reason: String| Admission::Skip {
+        attempt,
+        ended: Ended::not_run(outcome, reason),
+    };
+    if policy::redelivered_too_often(delivery_count, cfg.delivery_limit) {
+        let n = delivery_count.unwrap_or_default();
+        return skip(
+            Outcome::Redelivered,
+            format!(
+                "returned to its queue {n} times (x-delivery-count) without a run finishing: runs \
+                 cut short (the supervisor stopped or lost its connection while they ran), or \
+                 deliveries handed back unstarted"
+            ),
+        );
+    }
+    if cfg.max_connection_losses > 0 && known.connection_losses >= cfg.max_connection_losses {
+        return skip(
+            Outcome::ConnectionLosses,
+            format!(
+                "the supervisor lost its broker connection {} times in a row while handling this \
+                 message (max_connection_losses = {})",
+                known.connection_losses, cfg.max_connection_losses
+            ),
+        );
+    }
+    if known.stopping {
+        return skip(Outcome::Interrupted, "the supervisor was stopping".into());
+    }
+    if d.body_len > cfg.max_body_bytes {
+        return skip(
+            Outcome::TooLarge,
+            format!(
+                "body of {} bytes exceeds max_body_bytes = {}",
+                d.body_len, cfg.max_body_bytes
+            ),
+        );
+    }
+    Admission::Run { attempt }
+}
+
+/// What to do to settle one delivery, in order: the republish, then the
+/// reply, then `settle`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub decision: Decision,
+    /// The retry or dead letter; the delivery is acked only once the broker
+    /// has confirmed it.
+    pub republish: Option<Republish>,
+    pub reply: Option<Reply>,
+    pub settle: Settle,
+}
+
+/// How the delivery itself is settled once the publishes are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Ack,
+    /// Back to its queue, not counted as an attempt.
+    Requeue,
+}
+
+/// A copy of the message for the retry or dead-letter queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Republish {
+    pub queue: String,
+    pub properties: BasicProperties,
+    /// The publisher's headers dropped to fit the frame.
+    pub dropped: Vec<String>,
+}
+
+/// The reply to the message's `reply_to`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub to: String,
+    pub properties: BasicProperties,
+    pub body: ReplyBody,
+    /// Returned as unroutable when no queue takes it. Not for direct
+    /// reply-to, which the broker reports as unroutable when it delivers.
+    pub mandatory: bool,
+    /// The reply is the job's result: when it cannot be sent, the delivery
+    /// goes back to its queue instead of being acked. A failure reply after
+    /// a dead letter is not required.
+    pub required: bool,
+}
+
+/// Which of the job's output a reply carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyBody {
+    Stdout,
+    StderrTail,
+}
+
+/// The settlement plan of a delivery whose `attempt`-th job ended as
+/// `ended`, for a connection that takes frames of `frame_max` bytes.
+pub fn plan(
+    d: Delivered<'_>,
+    cfg: &QueueConfig,
+    attempt: u32,
+    ended: &Ended,
+    frame_max: usize,
+    now: SystemTime,
+) -> Plan {
+    let decision = policy::decide(ended.outcome, attempt, &cfg.policy);
+    let label = long_string(&ended.outcome.label());
+    match decision {
+        Decision::Ack | Decision::Drop => Plan {
+            decision,
+            republish: None,
+            reply: reply(d, ended, attempt, false, frame_max),
+            settle: Settle::Ack,
+        },
+        Decision::Requeue => Plan {
+            decision,
+            republish: None,
+            reply: None,
+            settle: Settle::Requeue,
+        },
+        Decision::Retry {
+            delay,
+            next_attempt,
+        } => {
+            let ours = vec![
+                (ATTEMPT_HEADER, AMQPValue::LongInt(clamp_i32(next_attempt))),
+                (EXIT_HEADER, label),
+            ];
+            Plan {
+                decision,
+                republish: Some(republish(d, cfg.retry_queue(delay), ours, None, frame_max)),
+                reply: None,
+                settle: Settle::Ack,
+            }
+        }
+        Decision::DeadLetter => {
+            let failed_at = humantime::format_rfc3339_seconds(now).to_string();
+            let ours = vec![
+                (EXIT_HEADER, label),
+                (ATTEMPTS_HEADER, AMQPValue::LongInt(clamp_i32(attempt))),
+                (FAILED_AT_HEADER, long_string(&failed_at)),
+                (QUEUE_HEADER, long_string(&cfg.name)),
+            ];
+            let tail = String::from_utf8_lossy(&ended.stderr_tail);
+            Plan {
+                decision,
+                republish: Some(republish(d, cfg.dead_queue(), ours, Some(&tail), frame_max)),
+                reply: reply(d, ended, attempt, true, frame_max),
+                settle: Settle::Ack,
+            }
+        }
+    }
+}
+
+fn clamp_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// The size of a long-string header entry named `key` holding `len` bytes.
+fn entry_size(key: &str, len: usize) -> usize {
+    1 + key.len() + 1 + 4 + len
+}
+
+/// The end of `text`, at most `max` bytes, cut at a character boundary.
+pub fn last_bytes(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// The start of `text`, at most `max` bytes, cut at a character boundary.
+fn first_bytes(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A republish of the delivery to `queue` with our headers `ours` (and the
+/// stderr tail, cut to the room left), the publisher's headers copied as far
+/// as they fit in `frame_max`.
+fn republish(
+    d: Delivered<'_>,
+    queue: String,
+    mut ours: Vec<(&'static str, AMQPValue)>,
+    stderr: Option<&str>,
+    frame_max: usize,
+) -> Republish {
+    let original = d.properties;
+    if let Some(v) = original.user_id() {
+        ours.push((USER_ID_HEADER, long_string(v.as_str())));
+    }
+    // The old message's delivery count, attempt and our headers are
+    // replaced; the rest is the publisher's, and may be dropped.
+    let mut replaced: Vec<&str> = vec![
+        DELIVERY_COUNT_HEADER,
+        ATTEMPT_HEADER,
+        STDERR_HEADER,
+        DROPPED_HEADER,
+    ];
+    replaced.extend(ours.iter().map(|(k, _)| *k));
+    let earlier_drops = headers::string(d.headers(), DROPPED_HEADER);
+    let mut table = d
+        .headers()
+        .map(|t| headers::without(t, &replaced))
+        .unwrap_or_default();
+    for (k, v) in ours {
+        table.insert(k.into(), v);
+    }
+    let base = republished_properties(original);
+    // The header frame without the table, which adds its encoded size.
+    let base_size = headers::header_frame_size(&base);
+    let stderr_len = stderr.map_or(0, |s| entry_size(STDERR_HEADER, s.len().min(STDERR_KEPT)));
+    let size = |table: &FieldTable, dropped: &str| {
+        let extra = if dropped.is_empty() {
+            0
+        } else {
+            entry_size(DROPPED_HEADER, dropped.len())
+        };
+        base_size + headers::encoded_size(table) + extra
+    };
+    let mut dropped: Vec<String> = Vec::new();
+    let mut dropped_value = earlier_drops.clone().unwrap_or_default();
+    if size(&table, &dropped_value) + stderr_len > frame_max {
+        // The publisher's headers, largest first.
+        let mut copied: Vec<(usize, String)> = table
+            .inner()
+            .iter()
+            .filter(|(k, _)| !replaced.contains(&k.as_str()))
+            .map(|(k, v)| {
+                let mut one = FieldTable::default();
+                one.insert(k.clone(), v.clone());
+                (headers::encoded_size(&one), k.as_str().to_owned())
+            })
+            .collect();
+        copied.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, key) in copied {
+            table = headers::without(&table, &[&key]);
+            dropped.push(key);
+            dropped_value = dropped_list(earlier_drops.as_deref(), &dropped);
+            if size(&table, &dropped_value) + stderr_len <= frame_max {
+                break;
+            }
+        }
+    }
+    if !dropped_value.is_empty() {
+        table.insert(DROPPED_HEADER.into(), long_string(&dropped_value));
+    }
+    if let Some(tail) = stderr {
+        let used = size(&table, "") + entry_size(STDERR_HEADER, 0);
+        let room = frame_max.saturating_sub(used);
+        table.insert(STDERR_HEADER.into(), long_string(last_bytes(tail, room)));
+    }
+    Republish {
+        queue,
+        properties: base.with_headers(table),
+        dropped,
+    }
+}
+
+/// The value of [`DROPPED_HEADER`]: earlier drops, then these, cut at
+/// [`DROPPED_MAX`] bytes.
+fn dropped_list(earlier: Option<&str>, now: &[String]) -> String {
+    let mut all: Vec<&str> = earlier.into_iter().filter(|s| !s.is_empty()).collect();
+    all.extend(now.iter().map(String::as_str));
+    let joined = all.join(", ");
+    if joined.len() <= DROPPED_MAX {
+        joined
+    } else {
+        format!("{}…", first_bytes(&joined, DROPPED_MAX - '…'.len_utf8()))
+    }
+}
+
+/// The properties of a retry or dead letter, its headers aside: the
+/// original ones without a per-message TTL (`expiration`, which would let
+/// the broker drop the message from the retry or dead-letter queue) and
+/// without `user_id` (the broker closes the channel of a publish whose
+/// `user_id` is not the connection's user; it moves to [`USER_ID_HEADER`]).
+pub fn republished_properties(original: &BasicProperties) -> BasicProperties {
+    let mut props =
+        BasicProperties::default().with_delivery_mode(original.delivery_mode().unwrap_or(2));
+    if let Some(v) = original.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        props = props.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        props = props.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        props = props.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        props = props.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        props = props.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        props = props.with_cluster_id(v.clone());
+    }
+    props
+}
+
+/// The reply to the delivery's `reply_to`, if it has one: stdout on
+/// success; on a final failure (`failure`), the stderr tail, also in the
+/// [`STDERR_HEADER`] header as far as it fits the frame.
+fn reply(
+    d: Delivered<'_>,
+    ended: &Ended,
+    attempt: u32,
+    failure: bool,
+    frame_max: usize,
+) -> Option<Reply> {
+    let to = d.reply_to()?;
+    let mut h = FieldTable::default();
+    h.insert(EXIT_HEADER.into(), long_string(&ended.outcome.label()));
+    h.insert(
+        ATTEMPT_HEADER.into(),
+        AMQPValue::LongInt(clamp_i32(attempt)),
+    );
+    if ended.stdout_truncated && !failure {
+        h.insert(TRUNCATED_HEADER.into(), AMQPValue::Boolean(true));
+    }
+    let direct = to.starts_with("amq.rabbitmq.reply-to");
+    let mut props = BasicProperties::default().with_delivery_mode(if direct { 1 } else { 2 });
+    if let Some(c) = d.properties.correlation_id() {
+        props = props.with_correlation_id(c.clone());
+    }
+    if failure {
+        let tail = String::from_utf8_lossy(&ended.stderr_tail);
+        let used = headers::header_frame_size(&props.clone().with_headers(h.clone()))
+            + entry_size(STDERR_HEADER, 0);
+        let room = frame_max.saturating_sub(used);
+        h.insert(STDERR_HEADER.into(), long_string(last_bytes(&tail, room)));
+    }
+    Some(Reply {
+        to: to.to_owned(),
+        properties: props.with_headers(h),
+        body: if failure {
+            ReplyBody::StderrTail
+        } else {
+            ReplyBody::Stdout
+        },
+        mandatory: !direct,
+        required: !failure,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use proptest::prelude::*;
+
+    fn queue(extra: &str) -> QueueConfig {
+        let text = format!(
+            "[[queue]]\nname = \"q\"\ncommand = [\"/bin/true\"]\nmax_attempts = 3\nbackoff = [\"1s\"]\n{extra}"
+        );
+        config::parse(&text, std::path::Path::new("t.toml"), None)
+            .unwrap()
+            .queues
+            .remove(0)
+    }
+
+    fn ended(outcome: Outcome) -> Ended {
+        Ended {
+            outcome,
+            stderr_tail: b"oops\n".to_vec(),
+            stdout: b"out".to_vec(),
+            stdout_truncated: false,
+        }
+    }
+
+    fn delivered(props: &BasicProperties) -> Delivered<'_> {
+        Delivered {
+            properties: props,
+            redelivered: false,
+            body_len: 1,
+        }
+    }
+
+    fn header<'a>(p: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
+        p.headers().as_ref()?.inner().get(key)
+    }
+
+    const FRAME: usize = 131_072;
+
+    #[test]
+    fn admission_order_and_attempts() {
+        let cfg = queue("queue_type = \"quorum\"");
+        let mut h = FieldTable::default();
+        h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(2));
+        h.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
+        let props = BasicProperties::default().with_headers(h);
+        let mut d = delivered(&props);
+        // The count is a publisher's on a first delivery.
+        assert_eq!(
+            admit(d, &cfg, Known::default()),
+            Admission::Run { attempt: 2 }
+        );
+        d.redelivered = true;
+        assert_eq!(
+            admit(d, &cfg, Known::default()),
+            Admission::Run { attempt: 3 }
+        );
+        let recorded = Recorded {
+            attempt: 7,
+            ended: ended(Outcome::Exit(1)),
+        };
+        let known = Known {
+            recorded: Some(&recorded),
+            ..Known::default()
+        };
+        assert_eq!(
+            admit(d, &cfg, known),
+            Admission::Skip {
+                attempt: 7,
+                ended: ended(Outcome::Exit(1))
+            }
+        );
+        let lost = Known {
+            connection_losses: 3,
+            ..Known::default()
+        };
+        assert!(matches!(
+            admit(d, &cfg, lost),
+            Admission::Skip {
+                ended: Ended {
+                    outcome: Outcome::ConnectionLosses,
+                    ..
+                },
+                ..
+            }
+        ));
+        let off = queue("max_connection_losses = 0");
+        assert!(matches!(admit(d, &off, lost), Admission::Run { .. }));
+        let stopping = Known {
+            stopping: true,
+            ..Known::default()
+        };
+        assert!(matches!(
+            admit(d, &cfg, stopping),
+            Admission::Skip {
+                ended: Ended {
+                    outcome: Outcome::Interrupted,
+                    ..
+                },
+                ..
+            }
+        ));
+        d.body_len = cfg.max_body_bytes + 1;
+        assert!(matches!(
+            admit(d, &cfg, Known::default()),
+            Admission::Skip {
+                ended: Ended {
+                    outcome: Outcome::TooLarge,
+                    ..
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_negative_delivery_limit_is_unlimited() {
+        let cfg = queue("queue_type = \"quorum\"\n[queue.arguments]\nx-delivery-limit = -1\n");
+        let mut h = FieldTable::default();
+        h.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(500));
+        let props = BasicProperties::default().with_headers(h);
+        let d = Delivered {
+            properties: &props,
+            redelivered: true,
+            body_len: 1,
+        };
+        assert_eq!(
+            admit(d, &cfg, Known::default()),
+            Admission::Run { attempt: 501 }
+        );
+        let limited = queue("queue_type = \"quorum\"\n[queue.arguments]\nx-delivery-limit = 5\n");
+        assert!(matches!(
+            admit(d, &limited, Known::default()),
+            Admission::Skip {
+                ended: Ended {
+                    outcome: Outcome::Redelivered,
+                    ..
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn plans_for_each_decision() {
+        let cfg = queue("");
+        let props = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_reply_to("amq.rabbitmq.reply-to.x".into())
+            .with_user_id("app".into())
+            .with_expiration("5000".into());
+        let d = delivered(&props);
+        let now = SystemTime::UNIX_EPOCH;
+
+        let ok = plan(d, &cfg, 1, &ended(Outcome::Exit(0)), FRAME, now);
+        assert_eq!(ok.settle, Settle::Ack);
+        assert!(ok.republish.is_none());
+        let r = ok.reply.unwrap();
+        assert!(r.required && !r.mandatory);
+        assert_eq!(r.body, ReplyBody::Stdout);
+
+        let retry = plan(d, &cfg, 1, &ended(Outcome::Exit(1)), FRAME, now);
+        let rp = retry.republish.unwrap();
+        assert_eq!(rp.queue, "q.retry.1s");
+        assert_eq!(
+            header(&rp.properties, ATTEMPT_HEADER),
+            Some(&AMQPValue::LongInt(2))
+        );
+        assert_eq!(
+            header(&rp.properties, USER_ID_HEADER),
+            Some(&long_string("app"))
+        );
+        assert_eq!(rp.properties.user_id(), &None);
+        assert_eq!(rp.properties.expiration(), &None);
+        assert!(retry.reply.is_none());
+
+        let dead = plan(d, &cfg, 3, &ended(Outcome::Exit(1)), FRAME, now);
+        let dp = dead.republish.unwrap();
+        assert_eq!(dp.queue, "q.dead");
+        assert_eq!(header(&dp.properties, ATTEMPT_HEADER), None);
+        assert_eq!(
+            header(&dp.properties, ATTEMPTS_HEADER),
+            Some(&AMQPValue::LongInt(3))
+        );
+        assert_eq!(
+            header(&dp.properties, STDERR_HEADER),
+            Some(&long_string("oops\n"))
+        );
+        assert_eq!(
+            header(&dp.properties, FAILED_AT_HEADER),
+            Some(&long_string("1970-01-01T00:00:00Z"))
+        );
+        let fr = dead.reply.unwrap();
+        assert!(!fr.required);
+        assert_eq!(fr.body, ReplyBody::StderrTail);
+
+        let requeue = plan(d, &cfg, 1, &ended(Outcome::SpawnFailed), FRAME, now);
+        assert_eq!(requeue.settle, Settle::Requeue);
+        assert!(requeue.republish.is_none() && requeue.reply.is_none());
+    }
+
+    #[test]
+    fn headers_that_fill_the_frame_are_dropped_and_named() {
+        let cfg = queue("");
+        for slack in [0usize, 16, 50, 500] {
+            let mut h = FieldTable::default();
+            h.insert("small".into(), long_string("keep me"));
+            let base = BasicProperties::default().with_message_id("m".into());
+            let probe = base.clone().with_headers({
+                let mut t = h.clone();
+                t.insert("big".into(), long_string(""));
+                t
+            });
+            let pad = FRAME - slack - headers::header_frame_size(&probe);
+            h.insert("big".into(), long_string(&"b".repeat(pad)));
+            let props = base.with_headers(h);
+            assert_eq!(headers::header_frame_size(&props), FRAME - slack);
+            let d = delivered(&props);
+            let retry = plan(
+                d,
+                &cfg,
+                1,
+                &ended(Outcome::Exit(1)),
+                FRAME,
+                SystemTime::now(),
+            );
+            let rp = retry.republish.unwrap();
+            // Our two headers take 48 bytes: only a fuller frame drops.
+            assert_eq!(rp.dropped.is_empty(), slack >= 48, "slack {slack}");
+            // The dead letter of the retried message.
+            let d2 = delivered(&rp.properties);
+            let dead = plan(
+                d2,
+                &cfg,
+                3,
+                &ended(Outcome::Exit(65)),
+                FRAME,
+                SystemTime::now(),
+            );
+            let dp = dead.republish.unwrap();
+            for p in [&rp.properties, &dp.properties] {
+                assert!(headers::header_frame_size(p) <= FRAME, "slack {slack}");
+                assert_eq!(header(p, "small"), Some(&long_string("keep me")));
+                // "big" is either kept or named as dropped, never lost unsaid.
+                let named = header(p, DROPPED_HEADER) == Some(&long_string("big"));
+                assert!(header(p, "big").is_some() != named, "slack {slack}");
+            }
+            assert_eq!(
+                header(&dp.properties, STDERR_HEADER),
+                Some(&long_string("oops\n"))
+            );
+            if slack < 500 {
+                assert!(header(&dp.properties, "big").is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn dropped_list_is_bounded() {
+        let many: Vec<String> = (0..200).map(|i| format!("header-{i}")).collect();
+        let v = dropped_list(Some("earlier"), &many);
+        assert!(v.len() <= DROPPED_MAX && v.starts_with("earlier, header-0") && v.ends_with('…'));
+    }
+
+    fn any_value() -> impl Strategy<Value = AMQPValue> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            (0usize..40_000).prop_map(|n| AMQPValue::LongString(LongString::from("v".repeat(n)))),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            proptest::collection::vec(inner, 0..4).prop_map(|v| AMQPValue::FieldArray(v.into()))
+        })
+    }
+
+    fn any_table() -> impl Strategy<Value = FieldTable> {
+        let keys = prop_oneof![
+            "[a-z-]{1,20}".prop_map(|s| s),
+            Just(ATTEMPT_HEADER.to_owned()),
+            Just(DELIVERY_COUNT_HEADER.to_owned()),
+            Just(STDERR_HEADER.to_owned()),
+            Just(DROPPED_HEADER.to_owned()),
+            Just(EXIT_HEADER.to_owned()),
+        ];
+        proptest::collection::vec((keys, any_value()), 0..12).prop_map(|entries| {
+            let mut t = FieldTable::default();
+            for (k, v) in entries {
+                t.insert(k.as_str().into(), v);
+            }
+            t
+        })
+    }
+
+    fn any_outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            (0i32..256).prop_map(Outcome::Exit),
+            (1i32..32).prop_map(Outcome::Signal),
+            Just(Outcome::Timeout),
+            Just(Outcome::SpawnFailed),
+            Just(Outcome::TooLarge),
+            Just(Outcome::Redelivered),
+            Just(Outcome::ConnectionLosses),
+            Just(Outcome::Interrupted),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the publisher's headers and however the job ended,
+        /// every publish of the plan fits the frame, keeps our headers, and
+        /// a retry or dead letter is followed by an ack.
+        #[test]
+        fn every_publish_fits_the_frame(
+            table in any_table(),
+            outcome in any_outcome(),
+            attempt in 1u32..5,
+            frame_max in prop_oneof![Just(131_072usize), 8_192usize..200_000],
+            stderr_len in 0usize..5000,
+            user in proptest::option::of("[a-z]{1,255}"),
+            reply_to in proptest::option::of("[a-z.]{1,255}"),
+        ) {
+            let cfg = queue("");
+            let mut props = BasicProperties::default()
+                .with_message_id("m".repeat(255).as_str().into())
+                .with_correlation_id("c".repeat(255).as_str().into())
+                .with_headers(table);
+            if let Some(u) = user {
+                props = props.with_user_id(u.as_str().into());
+            }
+            if let Some(r) = reply_to {
+                props = props.with_reply_to(r.as_str().into());
+            }
+            let e = Ended {
+                outcome,
+                stderr_tail: vec![b'e'; stderr_len],
+                stdout: Vec::new(),
+                stdout_truncated: true,
+            };
+            let p = plan(delivered(&props), &cfg, attempt, &e, frame_max, SystemTime::now());
+            if let Some(r) = &p.republish {
+                prop_assert!(headers::header_frame_size(&r.properties) <= frame_max);
+                prop_assert!(header(&r.properties, EXIT_HEADER).is_some());
+                prop_assert!(header(&r.properties, DELIVERY_COUNT_HEADER).is_none());
+                prop_assert_eq!(p.settle, Settle::Ack);
+                if r.queue.ends_with(".dead") {
+                    prop_assert!(header(&r.properties, STDERR_HEADER).is_some());
+                    prop_assert!(header(&r.properties, ATTEMPT_HEADER).is_none());
+                } else {
+                    prop_assert_eq!(
+                        header(&r.properties, ATTEMPT_HEADER),
+                        Some(&AMQPValue::LongInt(attempt as i32 + 1))
+                    );
+                }
+            }
+            if let Some(r) = &p.reply {
+                prop_assert!(headers::header_frame_size(&r.properties) <= frame_max);
+            }
+            if p.settle == Settle::Requeue {
+                prop_assert!(p.republish.is_none() && p.reply.is_none());
+            }
+        }
+    }
+}
