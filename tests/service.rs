@@ -974,6 +974,80 @@ async fn sighup_lowering_concurrency_waits_for_running_workers() {
     broker.cleanup().await;
 }
 
+/// A queue removed by one reload and added again by the next, while its
+/// worker still runs, keeps to its `concurrency`: the running job holds the
+/// queue's slot across both reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_removed_and_added_again_keeps_its_concurrency() {
+    let mut broker = Broker::connect().await;
+    let (q, other) = (unique("readd"), unique("readd-other"));
+    broker.declare(&q).await;
+    broker.declare(&other).await;
+    let work = Workdir::new();
+    let with_q = starting_queue(&q, 1, "4", "");
+    let without_q = starting_queue(&other, 1, "0", "");
+    let mut sup = Supervisor::start(&work, &with_q, &[]);
+    broker.publish_id(&q, "first", b"x").await;
+    wait_starts(&work, 1, Duration::from_secs(20)).await;
+    work.write("config.toml", &without_q);
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("queue removed", Duration::from_secs(10)).await;
+    work.write("config.toml", &with_q);
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("queue added", Duration::from_secs(10)).await;
+    broker.publish_id(&q, "second", b"x").await;
+    work.wait_ledger(2, Duration::from_secs(30)).await;
+    let runs = work.ledger();
+    assert_eq!(
+        max_overlap(&runs),
+        1,
+        "concurrency = 1 held across the reloads: {runs:?}"
+    );
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 2 published = 2 done.
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
+/// A reload that changes a queue's `arguments` in a way the broker refuses
+/// for the existing queue keeps the consumer of the running settings, and
+/// says which key to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_the_broker_refuses_keeps_the_old_consumer() {
+    let mut broker = Broker::connect().await;
+    let q = unique("reload-args");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let before = starting_queue(&q, 1, "0", "");
+    let mut sup = Supervisor::start(&work, &before, &[]);
+    sup.wait_log("consuming", Duration::from_secs(20)).await;
+    broker.publish_id(&q, "m1", b"x").await;
+    work.wait_ledger(1, Duration::from_secs(20)).await;
+    work.write(
+        "config.toml",
+        &format!("{before}[queue.arguments]\nx-max-length = 10\n"),
+    );
+    sup.signal(Signal::SIGHUP);
+    sup.wait_log("keeps running", Duration::from_secs(20)).await;
+    let log = sup.log_text();
+    assert!(log.contains("key `arguments`"), "{}", tail(&log, 20));
+    // The queue is still consumed.
+    broker.publish_id(&q, "m2", b"x").await;
+    work.wait_ledger(2, Duration::from_secs(20)).await;
+    // A later reload back to the running settings changes nothing.
+    work.write("config.toml", &before);
+    sup.signal(Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.publish_id(&q, "m3", b"x").await;
+    work.wait_ledger(3, Duration::from_secs(20)).await;
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 3 published = 3 done.
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_run_as_the_configured_user_with_limits() {
     assert!(
