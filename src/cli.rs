@@ -754,10 +754,7 @@ async fn settle_confirm(
 }
 
 fn random_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
+    format!("{:016x}", crate::random::u64())
 }
 
 /// `amqp-exec check`: the config is valid, every command can be started, and
@@ -782,26 +779,7 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
         cfg.queues.len()
     );
     for q in &cfg.queues {
-        let mut path = std::env::var_os("PATH");
-        if let Some(p) = q.env.get("PATH") {
-            path = Some(p.into());
-        }
-        let dir_ok = match &q.working_dir {
-            Some(d) if !d.is_dir() => {
-                println!(
-                    "queue \"{}\": error: working_dir {} does not exist",
-                    q.name,
-                    d.display()
-                );
-                problems += 1;
-                false
-            }
-            _ => true,
-        };
-        if !dir_ok {
-            continue;
-        }
-        match consumer::resolve_command(&q.command[0], path.as_deref(), q.working_dir.as_deref()) {
+        match consumer::command_available(q) {
             Ok(p) => println!("queue \"{}\": command {} ok", q.name, p.display()),
             Err(e) => {
                 println!("queue \"{}\": error: {e}", q.name);

@@ -127,7 +127,7 @@ pub async fn run_queue(
         if let Some(previous) = queue.takes_over() {
             previous.stop.cancel();
         }
-        if let Err(why) = command_available(&queue) {
+        if let Err(why) = command_available(&queue.cfg) {
             tracing::error!(
                 queue = %queue.name,
                 "queue paused: {why}; checking again in {}s",
@@ -492,23 +492,27 @@ async fn nack_requeue_by(
 
 /// Checks that the queue's command can be started: it exists and is
 /// executable (looked up in the worker's `PATH` when it has no slash), and
-/// `working_dir` exists.
-pub fn command_available(queue: &QueueState) -> Result<PathBuf, String> {
-    if let Some(dir) = &queue.cfg.working_dir
+/// `working_dir` exists. Used before consuming and by `amqp-exec check`.
+pub fn command_available(cfg: &QueueConfig) -> Result<PathBuf, String> {
+    if let Some(dir) = &cfg.working_dir
         && !dir.is_dir()
     {
         return Err(format!("working_dir {} does not exist", dir.display()));
     }
-    let path = queue
-        .base_env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.clone());
     resolve_command(
-        &queue.cfg.command[0],
-        path.as_deref(),
-        queue.cfg.working_dir.as_deref(),
+        &cfg.command[0],
+        worker_path(cfg).as_deref(),
+        cfg.working_dir.as_deref(),
     )
+}
+
+/// The `PATH` a queue's workers get: the queue's `env`, else the
+/// supervisor's (which `clear_env` keeps).
+pub fn worker_path(cfg: &QueueConfig) -> Option<std::ffi::OsString> {
+    match cfg.env.get("PATH") {
+        Some(p) => Some(p.into()),
+        None => std::env::var_os("PATH"),
+    }
 }
 
 /// Finds `program` as the worker's `execvp` will: as a path when it has a

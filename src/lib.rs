@@ -17,7 +17,8 @@
 //! - [`cli`] — the `publish`, `check` and `dead` commands;
 //! - [`systemd`] — sd_notify;
 //! - [`metrics`] — counters;
-//! - [`tls`] — `amqps://` connections and `[broker.tls]`.
+//! - [`tls`] — `amqps://` connections and `[broker.tls]`;
+//! - [`random`] — random numbers for jitter and ids.
 
 pub mod broker;
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod publish;
+pub mod random;
 pub mod runner;
 pub mod settlement;
 pub mod slots;

@@ -861,9 +861,6 @@ fn spawn_idle_watch(shared: Arc<Shared>, idle: Duration) {
 
 /// `d` scaled by a random factor in [0.75, 1.25).
 fn jittered(d: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    let r = (h.finish() % 10_000) as f64 / 10_000.0;
+    let r = (crate::random::u64() % 10_000) as f64 / 10_000.0;
     d.mul_f64(0.75 + r * 0.5)
 }
