@@ -545,6 +545,49 @@ async fn connection_cuts_lose_nothing() {
     broker.cleanup().await;
 }
 
+/// A message being handled at `max_connection_losses` connection losses in
+/// a row (one that takes the connection down, say) is dead-lettered
+/// without running again, and the supervisor carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_present_at_three_connection_losses_is_dead_lettered() {
+    let mut broker = Broker::connect().await;
+    let q = unique("losses");
+    broker.declare(&q).await;
+    let proxy = Proxy::start(&broker_addr()).await;
+    let work = Workdir::new();
+    let config = format!(
+        "shutdown_grace = \"1s\"\n[broker]\nurl = \"{}\"\n{}on_connection_loss = \"kill\"\nkill_grace = \"1s\"\n",
+        url_via(proxy.port),
+        starting_queue(&q, 1, "10", "")
+    );
+    let mut sup = Supervisor::start_with_env(&work, &config, &[], &[("AMQP_URL", "")]);
+    broker.publish_id(&q, "poison", b"x").await;
+    for cut in 1..=3 {
+        wait_starts(&work, cut, Duration::from_secs(30)).await;
+        proxy.cut();
+    }
+    broker
+        .wait_count(&format!("{q}.dead"), 1, Duration::from_secs(30))
+        .await;
+    let dead = broker.drain(&format!("{q}.dead")).await;
+    assert_eq!(
+        header(&dead[0], "x-amqp-exec-exit").as_deref(),
+        Some("connection-losses")
+    );
+    assert_eq!(starts(&work).len(), 3, "no fourth run");
+    // The supervisor carries on with other messages.
+    broker.publish_id(&q, "next", b"x").await;
+    wait_starts(&work, 4, Duration::from_secs(30)).await;
+    sup.signal(Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    // Ledger: 2 published = 1 dead + 1 requeued by the stop or done.
+    assert_eq!(
+        broker.count(&q).await.unwrap() + work.ledger().len() as u32,
+        1
+    );
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_connection_is_noticed_within_two_heartbeats() {
     let mut broker = Broker::connect().await;
