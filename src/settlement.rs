@@ -8,7 +8,11 @@
 //!
 //! Every publish a plan makes fits the connection's `frame_max`: a larger
 //! header frame would make the broker close the whole connection, and with
-//! it every job's ack. A dead letter's stderr tail is cut to the room left;
+//! it every job's ack. A retry or dead letter leaves room besides for the
+//! headers the broker adds when it dead-letters the message on
+//! ([`broker_reserve`]): the retry comes back to the work queue with an
+//! `x-death` entry, and a delivery larger than `frame_max` is refused by the
+//! client, which closes the connection just the same. A dead letter's stderr tail is cut to the room left;
 //! headers copied from the publisher are dropped, largest first, only until
 //! ours (and the last [`STDERR_KEPT`] bytes of stderr) fit, and the names
 //! dropped are recorded in [`DROPPED_HEADER`]. `job.rs` carries plans out.
@@ -240,6 +244,7 @@ pub fn plan(
     now: SystemTime,
 ) -> Plan {
     let decision = policy::decide(ended.outcome, attempt, &cfg.policy);
+    let budget = frame_max.saturating_sub(broker_reserve(cfg));
     let label = long_string(&ended.outcome.label());
     match decision {
         Decision::Ack | Decision::Drop => Plan {
@@ -264,7 +269,7 @@ pub fn plan(
             ];
             Plan {
                 decision,
-                republish: Some(republish(d, cfg.retry_queue(delay), ours, None, frame_max)),
+                republish: Some(republish(d, cfg.retry_queue(delay), ours, None, budget)),
                 reply: None,
                 settle: Settle::Ack,
             }
@@ -280,7 +285,7 @@ pub fn plan(
             let tail = String::from_utf8_lossy(&ended.stderr_tail);
             Plan {
                 decision,
-                republish: Some(republish(d, cfg.dead_queue(), ours, Some(&tail), frame_max)),
+                republish: Some(republish(d, cfg.dead_queue(), ours, Some(&tail), budget)),
                 reply: reply(d, ended, attempt, true, frame_max),
                 settle: Settle::Ack,
             }
@@ -294,6 +299,24 @@ fn clamp_i32(n: u32) -> i32 {
 
 fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
+}
+
+/// Room a retry or dead letter of `cfg` leaves in the frame for the headers
+/// the broker adds when it dead-letters it (from a retry queue back to the
+/// work queue, or past a delivery limit): an `x-death` entry per queue and
+/// reason, each naming the queue and routing key, and the
+/// `x-first-death-*` and `x-last-death-*` headers; on quorum queues
+/// `x-delivery-count` too.
+pub fn broker_reserve(cfg: &QueueConfig) -> usize {
+    let delays: std::collections::BTreeSet<_> = cfg.policy.backoff.iter().collect();
+    let longest = delays
+        .iter()
+        .map(|d| cfg.retry_queue(**d).len())
+        .chain([cfg.dead_queue().len()])
+        .max()
+        .unwrap_or(0);
+    let entries = delays.len() + 2;
+    512 + entries * (160 + 2 * longest) + 6 * (40 + longest)
 }
 
 /// The size of a long-string header entry named `key` holding `len` bytes.
@@ -727,8 +750,9 @@ mod tests {
                 SystemTime::now(),
             );
             let rp = retry.republish.unwrap();
-            // Our two headers take 48 bytes: only a fuller frame drops.
-            assert_eq!(rp.dropped.is_empty(), slack >= 48, "slack {slack}");
+            // Our two headers take 48 bytes, and the broker's need room.
+            let room = broker_reserve(&cfg) + 48;
+            assert_eq!(rp.dropped.is_empty(), slack >= room, "slack {slack}");
             // The dead letter of the retried message.
             let d2 = delivered(&rp.properties);
             let dead = plan(
@@ -741,7 +765,8 @@ mod tests {
             );
             let dp = dead.republish.unwrap();
             for p in [&rp.properties, &dp.properties] {
-                assert!(headers::header_frame_size(p) <= FRAME, "slack {slack}");
+                let limit = FRAME - broker_reserve(&cfg);
+                assert!(headers::header_frame_size(p) <= limit, "slack {slack}");
                 assert_eq!(header(p, "small"), Some(&long_string("keep me")));
                 // "big" is either kept or named as dropped, never lost unsaid.
                 let named = header(p, DROPPED_HEADER) == Some(&long_string("big"));
@@ -755,6 +780,24 @@ mod tests {
                 assert!(header(&dp.properties, "big").is_none());
             }
         }
+        // Room for our headers beside the broker's: nothing dropped.
+        let reserve = broker_reserve(&cfg);
+        assert!((1_000..8_000).contains(&reserve), "{reserve}");
+        let mut h = FieldTable::default();
+        h.insert(
+            "big".into(),
+            long_string(&"b".repeat(FRAME - reserve - 500)),
+        );
+        let props = BasicProperties::default().with_headers(h);
+        let retry = plan(
+            delivered(&props),
+            &cfg,
+            1,
+            &ended(Outcome::Exit(1)),
+            FRAME,
+            SystemTime::now(),
+        );
+        assert!(retry.republish.unwrap().dropped.is_empty());
     }
 
     #[test]
@@ -843,7 +886,8 @@ mod tests {
             };
             let p = plan(delivered(&props), &cfg, attempt, &e, frame_max, SystemTime::now());
             if let Some(r) = &p.republish {
-                prop_assert!(headers::header_frame_size(&r.properties) <= frame_max);
+                let limit = frame_max - broker_reserve(&cfg);
+                prop_assert!(headers::header_frame_size(&r.properties) <= limit);
                 prop_assert!(header(&r.properties, EXIT_HEADER).is_some());
                 prop_assert!(header(&r.properties, DELIVERY_COUNT_HEADER).is_none());
                 prop_assert_eq!(p.settle, Settle::Ack);

@@ -501,7 +501,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
                 unreadable_wait = (unreadable_wait * 2).min(RECONNECT_MAX);
                 tracing::error!(
                     "the broker sent a message that cannot be read (most likely a property such \
-                     as message_id, type or a header name that is not UTF-8); it stays at the \
+                     as message_id, type or a header name that is not UTF-8, or properties that \
+                     do not fit the connection's frame_max once the broker added its own \
+                     headers, such as a quorum queue's x-delivery-count); it stays at the \
                      head of its queue and is delivered again on every connection, so the \
                      queues make no progress: remove it from its queue (for instance with the \
                      management UI's \"Get messages\", ack mode \"Reject requeue false\", on a \
@@ -626,7 +628,9 @@ fn watch_connection(
         let unreadable = match &lost {
             Some(e) => {
                 tracing::error!("connection lost: {e}");
+                // What the client cannot read comes back on every connection.
                 matches!(e.kind(), lapin::ErrorKind::ParsingError(_))
+                    || e.to_string().contains("frame too large")
             }
             None => {
                 tracing::error!("connection lost");

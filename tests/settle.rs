@@ -687,3 +687,49 @@ async fn a_panicking_job_is_requeued() {
     assert_eq!(broker.count(&format!("{q}.dead")).await, Some(0));
     broker.cleanup().await;
 }
+
+/// A message whose properties fill the frame to within a few bytes on a
+/// quorum queue comes back to the client larger than `frame_max` once it
+/// was returned (the broker adds `x-delivery-count` to a redelivery), and
+/// the client must close the connection. It comes
+/// back on every connection: the supervisor says what it is and reconnects
+/// ever more slowly instead of in a tight loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_to_deliver_slows_reconnects_and_says_why() {
+    let mut broker = Broker::connect().await;
+    let q = unique("frame-quorum");
+    broker.declare_quorum(&q).await;
+    let work = Workdir::new();
+    broker.publish(&q, b"x", frame_filling("too-full", 4)).await;
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nexit_codes = {{ \"0\" = \"requeue\" }}\n",
+        record_worker()
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("cannot be read", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let log = sup.log_text();
+    let connects = log_lines(&sup, "connected to");
+    assert!(
+        log.contains("frame_max"),
+        "the error names the cause:\n{}",
+        tail(&log, 20)
+    );
+    // 0.5 s doubling: about 5 connections in 10 s, not a tight loop.
+    assert!(
+        connects <= 6,
+        "{connects} connections in ~10 s:\n{}",
+        tail(&log, 20)
+    );
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert_eq!(
+        work.ledger().len(),
+        1,
+        "only the first delivery could be read"
+    );
+    // Nothing lost: the message is still in its queue.
+    assert_eq!(depth(&broker, &q).await, 1);
+    broker.cleanup().await;
+}
