@@ -1003,11 +1003,14 @@ async fn dead_replay_on(
             .map(|t| {
                 t.inner()
                     .iter()
-                    // Our own headers but the original `user_id`, and the
+                    // Our own headers but the original `user_id` and its
+                    // signature (made for the work queue), and the
                     // count of a quorum dead queue's returns (`dead list`
                     // adds to it): the attempts start over.
                     .filter(|(k, _)| {
-                        (!k.as_str().starts_with("x-amqp-exec-") || k.as_str() == USER_ID_HEADER)
+                        (!k.as_str().starts_with("x-amqp-exec-")
+                            || k.as_str() == USER_ID_HEADER
+                            || k.as_str() == crate::signing::SIGNATURE_HEADER)
                             && k.as_str() != ATTEMPT_HEADER
                             && k.as_str() != DELIVERY_COUNT_HEADER
                     })

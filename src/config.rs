@@ -64,10 +64,27 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Address of the Prometheus endpoint, if any.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The key of signed control headers: `key_file`'s, else a random one
+    /// for this process.
+    pub signing_key: crate::signing::SigningKey,
     pub queues: Vec<QueueConfig>,
 }
 
 impl Config {
+    /// Every queue the configured queues consume, retry to and dead-letter
+    /// to.
+    pub fn own_queues(&self) -> std::collections::HashSet<String> {
+        let mut own = std::collections::HashSet::new();
+        for q in &self.queues {
+            own.insert(q.name.clone());
+            own.insert(q.dead_queue());
+            for d in &q.policy.backoff {
+                own.insert(q.retry_queue(*d));
+            }
+        }
+        own
+    }
+
     /// The most jobs that can run at once: `max_workers`, bounded by the sum
     /// of the queues' `concurrency`.
     pub fn jobs_at_once(&self) -> usize {
@@ -84,6 +101,17 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// For `amqps://` URLs: `[broker.tls]`, or the system's CAs when absent.
     pub tls: Option<crate::tls::Tls>,
+}
+
+/// Where a queue's replies may go: the `replies` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replies {
+    /// RabbitMQ's direct reply-to, and server-named (`amq.gen-…`) queues.
+    Direct,
+    /// Never.
+    Off,
+    /// Queues named so: exact names, or prefixes written with a trailing `*`.
+    Allow(Vec<String>),
 }
 
 /// What happens to running workers when the broker connection drops.
@@ -123,6 +151,9 @@ pub struct Sandbox {
     pub cpu_time: Option<u64>,
     /// `nice`, -20 to 19.
     pub nice: Option<i32>,
+    /// `max_core_size` in bytes (RLIMIT_CORE); without it workers inherit
+    /// the supervisor's soft limit, which it sets to 0.
+    pub core_size: Option<u64>,
 }
 
 /// `queue_type`: RabbitMQ's queue types amqp-exec declares.
@@ -193,6 +224,10 @@ pub struct QueueConfig {
     /// A message present at this many connection losses in a row is
     /// dead-lettered without running; 0 turns the check off.
     pub max_connection_losses: u32,
+    /// Where replies may go.
+    pub replies: Replies,
+    /// Most bytes of stderr a failure reply carries.
+    pub reply_stderr_bytes: usize,
     /// `x-delivery-limit` of `arguments`, if set (negative: unlimited).
     pub delivery_limit: Option<i64>,
     pub sandbox: Sandbox,
@@ -223,6 +258,7 @@ struct RawFile {
     defaults: Option<toml::Table>,
     max_workers: Option<usize>,
     shutdown_grace: Option<String>,
+    key_file: Option<PathBuf>,
     metrics: Option<RawMetrics>,
     #[serde(default, rename = "queue")]
     queues: Vec<toml::Table>,
@@ -235,6 +271,7 @@ struct RawBroker {
     urls: Option<Vec<String>>,
     heartbeat: Option<String>,
     connect_timeout: Option<String>,
+    password_file: Option<PathBuf>,
     tls: Option<RawTls>,
 }
 
@@ -298,6 +335,9 @@ struct RawQueue {
     on_connection_loss: Option<OnConnectionLoss>,
     consumer_timeout: Option<String>,
     max_connection_losses: Option<u32>,
+    replies: Option<toml::Value>,
+    reply_stderr_bytes: Option<RawSize>,
+    max_core_size: Option<RawSize>,
     user: Option<String>,
     group: Option<String>,
     memory_limit: Option<RawSize>,
@@ -374,6 +414,22 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         None => Duration::from_secs(30),
     };
 
+    let signing_key = match &raw.key_file {
+        Some(file) => {
+            // Relative paths are taken from the config file's folder.
+            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let secret = std::fs::read(&file).map_err(|e| {
+                err(format!(
+                    "key `key_file`: cannot read {}: {e}",
+                    file.display()
+                ))
+            })?;
+            crate::signing::SigningKey::from_secret(&secret, &file)
+                .map_err(|m| err(format!("key `key_file`: {m}")))?
+        }
+        None => crate::signing::SigningKey::random(),
+    };
+
     let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
         Some(addr) => Some(addr.parse().map_err(|_| {
             err(format!(
@@ -389,6 +445,7 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         max_workers,
         shutdown_grace,
         metrics_listen,
+        signing_key,
         queues,
     })
 }
@@ -442,6 +499,7 @@ fn parse_broker_table(
         urls: None,
         heartbeat: None,
         connect_timeout: None,
+        password_file: None,
         tls: None,
     });
     let (urls, key) = match (raw.url, raw.urls) {
@@ -469,6 +527,15 @@ fn parse_broker_table(
             })?;
             tls_wanted = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
             vec![u.to_owned()]
+        }
+        None => urls,
+    };
+    let urls = match &raw.password_file {
+        Some(file) => {
+            let password = read_password(file)?;
+            urls.iter()
+                .map(|u| with_password(u, &password))
+                .collect::<Result<Vec<_>, _>>()?
         }
         None => urls,
     };
@@ -515,6 +582,117 @@ fn parse_broker_table(
         tls,
     })
 }
+
+/// The broker password in `password_file`: its first line. A path that
+/// starts with `${CREDENTIALS_DIRECTORY}/` is taken from the directory where
+/// systemd puts the service's credentials (`LoadCredential=`).
+fn read_password(file: &Path) -> Result<String, String> {
+    let text = file.to_string_lossy();
+    let path = match text.strip_prefix("${CREDENTIALS_DIRECTORY}/") {
+        Some(name) => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join(name),
+            None => {
+                return Err(format!(
+                    "[broker] key `password_file`: {text} names a systemd credential, but \
+                     CREDENTIALS_DIRECTORY is not set (the unit's LoadCredential= sets it)"
+                ));
+            }
+        },
+        None => file.to_owned(),
+    };
+    let content = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "[broker] key `password_file`: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    let password = content.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        return Err(format!(
+            "[broker] key `password_file`: {} is empty",
+            path.display()
+        ));
+    }
+    Ok(password)
+}
+
+/// `url` with `password` as its password; it must name a user.
+fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let mut parsed = url::Url::parse(url).map_err(|e| {
+        format!(
+            "[broker] key `password_file`: {}: {e}",
+            crate::broker::redact(url)
+        )
+    })?;
+    if parsed.username().is_empty() {
+        return Err(format!(
+            "[broker] key `password_file`: the URL {} names no user to give the password to",
+            crate::broker::redact(url)
+        ));
+    }
+    parsed.set_password(Some(password)).map_err(|()| {
+        format!(
+            "[broker] key `password_file`: cannot set a password in {}",
+            crate::broker::redact(url)
+        )
+    })?;
+    Ok(parsed.to_string())
+}
+
+/// The `replies` key: `"direct"`, `"off"`, or a list of queue names (a
+/// trailing `*` matches any rest).
+fn parse_replies(v: Option<toml::Value>) -> Result<Replies, String> {
+    let bad = || {
+        "key `replies`: \"direct\", \"off\", or a list of queue names (a trailing `*` \
+         matches any rest)"
+            .to_owned()
+    };
+    match v {
+        None => Ok(Replies::Direct),
+        Some(toml::Value::String(s)) => match s.as_str() {
+            "direct" => Ok(Replies::Direct),
+            "off" => Ok(Replies::Off),
+            _ => Err(bad()),
+        },
+        Some(toml::Value::Array(items)) => {
+            let mut names = Vec::with_capacity(items.len());
+            for item in items {
+                let name = item.as_str().ok_or_else(bad)?;
+                let stem = name.strip_suffix('*').unwrap_or(name);
+                if name.is_empty() || name == "*" || stem.contains('*') || name.len() > 255 {
+                    return Err(format!(
+                        "key `replies`: {name:?} is not a queue name or a prefix with a trailing `*`"
+                    ));
+                }
+                names.push(name.to_owned());
+            }
+            if names.is_empty() {
+                return Err("key `replies`: the list is empty; use \"off\" for no replies".into());
+            }
+            Ok(Replies::Allow(names))
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Whether this process may run processes as another user or group: root,
+/// or the capability (`CAP_SETUID` 7, `CAP_SETGID` 6) in its effective set.
+pub fn has_capability(bit: u32) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
 
 fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
     let name = raw.name.ok_or("key `name` is missing")?;
@@ -743,6 +921,61 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
             }
             other => other,
         },
+        core_size: match raw.max_core_size {
+            Some(v) => Some(size_of(v).map_err(|m| format!("key `max_core_size`: {m}"))?),
+            None => None,
+        },
+    };
+    // A user or group the supervisor cannot switch to would pause the
+    // queue for ever: say so now.
+    let euid = nix::unistd::geteuid().as_raw();
+    if let Some(user) = &sandbox.user
+        && user.uid != euid
+        && !has_capability(CAP_SETUID)
+    {
+        return Err(format!(
+            "key `user`: the supervisor runs as uid {euid} and cannot run workers as {} (uid {}): \
+             that needs root or CAP_SETUID; remove `user`, or run the supervisor as root",
+            user.name, user.uid
+        ));
+    }
+    if let (None, Some((name, gid))) = (&sandbox.user, &sandbox.group)
+        && !has_capability(CAP_SETGID)
+        && *gid != nix::unistd::getegid().as_raw()
+    {
+        return Err(format!(
+            "key `group`: the supervisor cannot run workers with group {name} (gid {gid}) \
+             without root or CAP_SETGID; set `user` too and run the supervisor as root, or \
+             remove `group`"
+        ));
+    }
+    if let Some(user) = &sandbox.user {
+        let gid = sandbox.group.as_ref().map_or(user.gid, |(_, g)| *g);
+        let mut gids = user.groups.clone();
+        gids.push(gid);
+        if let Some(program) = resolve_existing(&command[0], &raw.env, raw.working_dir.as_deref())
+            && let Err(e) = executable_by(&program, user.uid, &gids)
+        {
+            return Err(format!(
+                "key `command`: {e} by user {} (key `user`)",
+                user.name
+            ));
+        }
+    }
+    let replies = parse_replies(raw.replies)?;
+    let reply_stderr_bytes = match raw.reply_stderr_bytes {
+        Some(v) => match size_of(v).map_err(|m| format!("key `reply_stderr_bytes`: {m}"))? {
+            n if n > 4096 => {
+                return Err(
+                    "key `reply_stderr_bytes`: at most 4K, the stderr tail amqp-exec keeps".into(),
+                );
+            }
+            n => n as usize,
+        },
+        None => match replies {
+            Replies::Allow(_) => 4096,
+            Replies::Direct | Replies::Off => 0,
+        },
     };
     Ok(QueueConfig {
         name,
@@ -766,6 +999,8 @@ fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         on_connection_loss: raw.on_connection_loss.unwrap_or(OnConnectionLoss::Finish),
         consumer_timeout,
         max_connection_losses: raw.max_connection_losses.unwrap_or(3),
+        replies,
+        reply_stderr_bytes,
         delivery_limit,
         sandbox,
         policy: Policy {
@@ -939,6 +1174,89 @@ fn one_line(s: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" | ")
+}
+
+/// Finds `program` as the worker's `execvp` will: as a path when it has a
+/// slash (relative to `working_dir` when one is set), else in `path`.
+pub fn resolve_command(
+    program: &str,
+    path: Option<&std::ffi::OsStr>,
+    working_dir: Option<&Path>,
+) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        let p = match working_dir {
+            Some(dir) if Path::new(program).is_relative() => dir.join(program),
+            _ => PathBuf::from(program),
+        };
+        return executable(&p).map(|_| p);
+    }
+    let default_path = std::ffi::OsString::from("/usr/local/bin:/usr/bin:/bin");
+    let search = path.unwrap_or(&default_path);
+    for dir in std::env::split_paths(search) {
+        let candidate = dir.join(program);
+        if executable(&candidate).is_ok() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!("command \"{program}\" not found in PATH"))
+}
+
+/// Checks that `path` is an executable file for this process.
+fn executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("command {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("command {} is not a file", path.display()));
+    }
+    if meta.permissions().mode() & 0o111 == 0
+        || nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err()
+    {
+        return Err(format!("command {} is not executable", path.display()));
+    }
+    Ok(())
+}
+
+/// `program` as [`resolve_command`] finds it for a queue with `env` and
+/// `working_dir`, if it is there (a missing command pauses its queue, and
+/// is no config error).
+fn resolve_existing(
+    program: &str,
+    env: &Option<BTreeMap<String, String>>,
+    working_dir: Option<&Path>,
+) -> Option<PathBuf> {
+    let path = match env.as_ref().and_then(|e| e.get("PATH")) {
+        Some(p) => Some(std::ffi::OsString::from(p)),
+        None => std::env::var_os("PATH"),
+    };
+    resolve_command(program, path.as_deref(), working_dir).ok()
+}
+
+/// Checks that the file at `path` may be executed by user `uid` with the
+/// groups `gids`, by its mode bits (root needs any execute bit).
+pub fn executable_by(path: &Path, uid: u32, gids: &[u32]) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("command {}: {e}", path.display()))?;
+    let mode = meta.mode();
+    let allowed = if uid == 0 {
+        mode & 0o111 != 0
+    } else if meta.uid() == uid {
+        mode & 0o100 != 0
+    } else if gids.contains(&meta.gid()) {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "command {} (mode {:o}, owner {}:{}) cannot be executed",
+            path.display(),
+            mode & 0o7777,
+            meta.uid(),
+            meta.gid()
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! the broker, and rebuilds its channel after a channel error.
 
 use crate::broker;
-use crate::config::QueueConfig;
+use crate::config::{QueueConfig, executable_by, resolve_command};
 use crate::job::{self, Permits, Settler};
 use crate::publish::{CONFIRM_TIMEOUT, ConfirmChannel};
 use crate::runner::PIPE_DRAIN_LIMIT;
@@ -18,7 +18,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, Consumer, message::Delivery};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -499,11 +499,19 @@ pub fn command_available(cfg: &QueueConfig) -> Result<PathBuf, String> {
     {
         return Err(format!("working_dir {} does not exist", dir.display()));
     }
-    resolve_command(
+    let program = resolve_command(
         &cfg.command[0],
         worker_path(cfg).as_deref(),
         cfg.working_dir.as_deref(),
-    )
+    )?;
+    if let Some(user) = &cfg.sandbox.user {
+        let gid = cfg.sandbox.group.as_ref().map_or(user.gid, |(_, g)| *g);
+        let mut gids = user.groups.clone();
+        gids.push(gid);
+        executable_by(&program, user.uid, &gids)
+            .map_err(|e| format!("{e} by user {} (key `user`)", user.name))?;
+    }
+    Ok(program)
 }
 
 /// The `PATH` a queue's workers get: the queue's `env`, else the
@@ -513,43 +521,4 @@ pub fn worker_path(cfg: &QueueConfig) -> Option<std::ffi::OsString> {
         Some(p) => Some(p.into()),
         None => std::env::var_os("PATH"),
     }
-}
-
-/// Finds `program` as the worker's `execvp` will: as a path when it has a
-/// slash (relative to `working_dir` when one is set), else in `path`.
-pub fn resolve_command(
-    program: &str,
-    path: Option<&std::ffi::OsStr>,
-    working_dir: Option<&Path>,
-) -> Result<PathBuf, String> {
-    if program.contains('/') {
-        let p = match working_dir {
-            Some(dir) if Path::new(program).is_relative() => dir.join(program),
-            _ => PathBuf::from(program),
-        };
-        return executable(&p).map(|_| p);
-    }
-    let default_path = std::ffi::OsString::from("/usr/local/bin:/usr/bin:/bin");
-    let search = path.unwrap_or(&default_path);
-    for dir in std::env::split_paths(search) {
-        let candidate = dir.join(program);
-        if executable(&candidate).is_ok() {
-            return Ok(candidate);
-        }
-    }
-    Err(format!("command \"{program}\" not found in PATH"))
-}
-
-fn executable(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("command {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("command {} is not a file", path.display()));
-    }
-    if meta.permissions().mode() & 0o111 == 0
-        || nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_err()
-    {
-        return Err(format!("command {} is not executable", path.display()));
-    }
-    Ok(())
 }

@@ -16,6 +16,7 @@
 
 use crate::broker;
 use crate::config::OnConnectionLoss;
+use crate::config::Replies;
 use crate::headers;
 use crate::memory::{Memory, MessageKey};
 use crate::metrics;
@@ -23,7 +24,7 @@ use crate::policy::{Decision, Outcome};
 use crate::publish::{self, ConfirmChannel, PublishError};
 use crate::runner::{self, Job, LogContext};
 use crate::settlement::{
-    self, Admission, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
+    self, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
 };
 use crate::supervisor::{QueueState, Shared};
 use lapin::options::BasicNackOptions;
@@ -87,7 +88,7 @@ pub async fn handle(
     let d = Delivered {
         properties: props,
         redelivered: delivery.redelivered,
-        body_len: delivery.data.len(),
+        body: &delivery.data,
     };
     let recorded = shared.memory.recorded(&guard.key);
     let known = Known {
@@ -95,10 +96,8 @@ pub async fn handle(
         connection_losses: shared.memory.losses(&guard.key),
         recorded: recorded.as_ref(),
     };
-    let admission = settlement::admit(d, cfg, known);
-    let attempt = match &admission {
-        Admission::Run { attempt } | Admission::Skip { attempt, .. } => *attempt,
-    };
+    let mut admission = settlement::admit(d, cfg, known, &shared.signing_key);
+    let attempt = admission.attempt;
     let log = LogContext {
         queue: queue.name.clone(),
         message_id: props
@@ -108,9 +107,21 @@ pub async fn handle(
             .unwrap_or_default(),
         attempt,
     };
-    let (ended, ran) = match admission {
-        Admission::Run { .. } => {
-            let env = message_env(&delivery, &queue, attempt);
+    if admission.forged {
+        metrics::inc(&queue.stats.forged_headers);
+        tracing::warn!(
+            queue = %log.queue, message_id = %log.message_id,
+            "the message carries {ATTEMPT_HEADER} or {USER_ID_HEADER} without a valid signature \
+             (set by its publisher, or signed with another key_file): they are ignored"
+        );
+    }
+    let own_queues = shared.own_queues();
+    let reply_to = d.reply_to();
+    let reply_allowed =
+        reply_to.is_some_and(|to| settlement::reply_allowed(to, cfg, &own_queues).is_ok());
+    let (ended, ran) = match admission.skip.take() {
+        None => {
+            let env = message_env(&delivery, &queue, attempt, admission.user_id.as_deref());
             let job = Job {
                 command: &cfg.command,
                 base_env: &queue.base_env,
@@ -120,7 +131,7 @@ pub async fn handle(
                 body: &delivery.data,
                 timeout: cfg.timeout,
                 kill_grace: cfg.kill_grace,
-                capture_stdout: if d.reply_to().is_some() {
+                capture_stdout: if reply_allowed {
                     cfg.max_reply_bytes
                 } else {
                     0
@@ -139,7 +150,7 @@ pub async fn handle(
             };
             (ended, ran)
         }
-        Admission::Skip { ended, .. } => {
+        Some(ended) => {
             log_skip(&log, &ended, recorded.is_some());
             (ended, None)
         }
@@ -152,14 +163,29 @@ pub async fn handle(
     #[cfg(debug_assertions)]
     test_fault::panic_once_if_asked(&log.message_id);
 
-    let plan = settlement::plan(
-        d,
-        cfg,
-        attempt,
-        &ended,
-        settler.channel.frame_max(),
-        SystemTime::now(),
-    );
+    let ctx = Context {
+        frame_max: settler.channel.frame_max(),
+        now: SystemTime::now(),
+        key: &shared.signing_key,
+        own_queues: &own_queues,
+    };
+    let plan = settlement::plan(d, cfg, &admission, &ended, ctx);
+    if let (Some(why), Some(to)) = (&plan.refused_reply, reply_to) {
+        metrics::inc(&queue.stats.refused_replies);
+        if cfg.replies == Replies::Off {
+            if !queue
+                .replies_off_noted
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::info!(queue = %log.queue, "replies = \"off\": messages with reply_to get no reply");
+            }
+        } else {
+            tracing::warn!(
+                queue = %log.queue, message_id = %log.message_id,
+                "no reply to {to:?}: {why}; the job is settled as usual"
+            );
+        }
+    }
     log_plan(
         &queue,
         &log,
@@ -323,7 +349,9 @@ async fn execute(
     if let Some(reply) = &plan.reply {
         let body: &[u8] = match reply.body {
             ReplyBody::Stdout => &ended.stdout,
-            ReplyBody::StderrTail => &ended.stderr_tail,
+            ReplyBody::StderrTail(max) => {
+                &ended.stderr_tail[ended.stderr_tail.len().saturating_sub(max)..]
+            }
         };
         if ended.stdout_truncated && reply.body == ReplyBody::Stdout {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
@@ -501,6 +529,7 @@ fn message_env(
     delivery: &Delivery,
     queue: &QueueState,
     attempt: u32,
+    user_id: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let p = &delivery.properties;
     let short = |v: &Option<ShortString>| v.as_ref().map(|s| clean(s.as_str())).unwrap_or_default();
@@ -526,6 +555,10 @@ fn message_env(
     env.push(("AMQP_EXEC_CONTENT_TYPE", short(p.content_type())));
     if let Some(ts) = p.timestamp() {
         env.push(("AMQP_EXEC_TIMESTAMP", ts.to_string()));
+    }
+    // Only the broker-checked user: the property, or a signed header.
+    if let Some(u) = user_id {
+        env.push(("AMQP_EXEC_USER_ID", clean(u)));
     }
     let json = match p.headers() {
         Some(t) => serde_json::to_string(&headers::to_json(t)).unwrap_or_else(|_| "{}".into()),

@@ -9,6 +9,7 @@
 //! - [`job`] — one delivery from start to ack: carries out the settlement;
 //! - [`settlement`] — delivery + job result → settlement plan (pure);
 //! - [`memory`] — outcomes and connection losses remembered per message;
+//! - [`signing`] — HMAC signatures of the control headers amqp-exec reads;
 //! - [`slots`] — the global and per-queue worker slots;
 //! - [`runner`] — spawning a worker and collecting its output;
 //! - [`policy`] — exit code + attempt → decision (pure);
@@ -33,6 +34,7 @@ pub mod publish;
 pub mod random;
 pub mod runner;
 pub mod settlement;
+pub mod signing;
 pub mod slots;
 pub mod supervisor;
 pub mod systemd;

@@ -31,6 +31,10 @@ pub struct QueueStats {
     /// Jobs whose outcome could not be recorded (ack or republish failed); the
     /// broker redelivers them.
     pub unsettled: AtomicU64,
+    /// Messages whose `reply_to` got no reply: refused by `replies`.
+    pub refused_replies: AtomicU64,
+    /// Messages with control headers whose signature did not verify.
+    pub forged_headers: AtomicU64,
     /// Finished runs by exit label ("0", "75", "SIGKILL", "timeout", ...).
     exits: Mutex<BTreeMap<String, u64>>,
     buckets: [AtomicU64; DURATION_BUCKETS.len()],
@@ -179,6 +183,18 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Workers that could not be started.",
         per_queue(&|s| get(&s.spawn_failures)),
+    );
+    family(
+        "amqp_exec_refused_replies_total",
+        "counter",
+        "Messages whose reply_to got no reply: not allowed by the queue's replies setting.",
+        per_queue(&|s| get(&s.refused_replies)),
+    );
+    family(
+        "amqp_exec_forged_headers_total",
+        "counter",
+        "Messages whose amqp-exec control headers had no valid signature, and were ignored.",
+        per_queue(&|s| get(&s.forged_headers)),
     );
     family(
         "amqp_exec_retries_total",

@@ -17,11 +17,13 @@
 //! ours (and the last [`STDERR_KEPT`] bytes of stderr) fit, and the names
 //! dropped are recorded in [`DROPPED_HEADER`]. `job.rs` carries plans out.
 
-use crate::config::{QueueConfig, QueueType};
+use crate::config::{QueueConfig, QueueType, Replies};
 use crate::headers;
 use crate::policy::{self, Decision, Outcome};
+use crate::signing::{SIGNATURE_HEADER, Signed, SigningKey};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 /// Our attempt counter header: the attempt number the delivery will be.
@@ -37,6 +39,8 @@ pub const QUEUE_HEADER: &str = "x-amqp-exec-queue";
 pub const USER_ID_HEADER: &str = "x-amqp-exec-user-id";
 /// A reply cut at `max_reply_bytes`.
 pub const TRUNCATED_HEADER: &str = "x-amqp-exec-truncated";
+/// Marks a reply, with the queue whose job sent it.
+pub const REPLY_HEADER: &str = "x-amqp-exec-reply";
 /// The names of the publisher's headers dropped so that a republish fits
 /// the connection's `frame_max`.
 pub const DROPPED_HEADER: &str = "x-amqp-exec-dropped-headers";
@@ -51,7 +55,20 @@ const STDERR_KEPT: usize = 512;
 pub struct Delivered<'a> {
     pub properties: &'a BasicProperties,
     pub redelivered: bool,
-    pub body_len: usize,
+    pub body: &'a [u8],
+}
+
+/// What the settle step needs besides the delivery and its queue.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    /// The largest frame the connection takes.
+    pub frame_max: usize,
+    pub now: SystemTime,
+    /// The key of signed control headers.
+    pub key: &'a SigningKey,
+    /// Every queue this supervisor consumes, retries to or dead-letters to:
+    /// never a reply's destination.
+    pub own_queues: &'a HashSet<String>,
 }
 
 impl Delivered<'_> {
@@ -66,6 +83,13 @@ impl Delivered<'_> {
 
     fn headers(&self) -> Option<&FieldTable> {
         self.properties.headers().as_ref()
+    }
+
+    fn message_id(&self) -> &str {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map_or("", |s| s.as_str())
     }
 }
 
@@ -112,27 +136,64 @@ pub struct Known<'a> {
     pub recorded: Option<&'a Recorded>,
 }
 
-/// Whether a delivery's worker runs.
+/// Whether a delivery's worker runs, and what it is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admission {
-    Run {
-        attempt: u32,
-    },
-    /// No worker runs: the job ended as `ended`.
-    Skip {
-        attempt: u32,
-        ended: Ended,
-    },
+pub struct Admission {
+    pub attempt: u32,
+    /// The broker-checked user that published the message: its `user_id`
+    /// property, else a signed `x-amqp-exec-user-id` of a republish.
+    pub user_id: Option<String>,
+    /// The message carried control headers without a valid signature
+    /// (a publisher's): they were ignored.
+    pub forged: bool,
+    /// No worker runs: the job ended as this.
+    pub skip: Option<Ended>,
+}
+
+/// The control headers of a delivery that verify against `key`: the
+/// attempt and user-id headers, both or neither; and whether any were there
+/// without a valid signature.
+fn control_headers(
+    d: Delivered<'_>,
+    cfg: &QueueConfig,
+    key: &SigningKey,
+) -> (Option<i64>, Option<String>, bool) {
+    let h = d.headers();
+    let attempt = headers::int(h, ATTEMPT_HEADER);
+    let user_id = headers::string(h, USER_ID_HEADER);
+    if attempt.is_none() && user_id.is_none() {
+        return (None, None, false);
+    }
+    let fields = Signed {
+        queue: &cfg.name,
+        message_id: d.message_id(),
+        body: d.body,
+        attempt,
+        user_id: user_id.as_deref(),
+    };
+    match headers::string(h, SIGNATURE_HEADER) {
+        Some(sig) if key.verify(&fields, &sig) => (attempt, user_id, false),
+        _ => (None, None, true),
+    }
 }
 
 /// Decides whether the delivery's worker runs, and its attempt number: our
-/// own attempt header plus, on a quorum queue's redelivery, the broker's
-/// count of returns.
-pub fn admit(d: Delivered<'_>, cfg: &QueueConfig, known: Known<'_>) -> Admission {
+/// own (signed) attempt header plus, on a quorum queue's redelivery, the
+/// broker's count of returns.
+pub fn admit(d: Delivered<'_>, cfg: &QueueConfig, known: Known<'_>, key: &SigningKey) -> Admission {
+    let (own_attempt, signed_user, forged) = control_headers(d, cfg, key);
+    let user_id = d
+        .properties
+        .user_id()
+        .as_ref()
+        .map(|u| u.as_str().to_owned())
+        .or(signed_user);
     if let Some(r) = known.recorded {
-        return Admission::Skip {
+        return Admission {
             attempt: r.attempt,
-            ended: r.ended.clone(),
+            user_id,
+            forged,
+            skip: Some(r.ended.clone()),
         };
     }
     // Only a quorum queue counts returns, and only a redelivery can have
@@ -141,10 +202,16 @@ pub fn admit(d: Delivered<'_>, cfg: &QueueConfig, known: Known<'_>) -> Admission
         QueueType::Quorum if d.redelivered => headers::int(d.headers(), DELIVERY_COUNT_HEADER),
         _ => None,
     };
-    let attempt = policy::attempt_number(headers::int(d.headers(), ATTEMPT_HEADER), delivery_count);
-    let skip = |outcome, reason: String| Admission::Skip {
+    let attempt = policy::attempt_number(own_attempt, delivery_count);
+    let admission = Admission {
         attempt,
-        ended: Ended::not_run(outcome, reason),
+        user_id,
+        forged,
+        skip: None,
+    };
+    let skip = |outcome, reason: String| Admission {
+        skip: Some(Ended::not_run(outcome, reason)),
+        ..admission.clone()
     };
     if policy::redelivered_too_often(delivery_count, cfg.delivery_limit) {
         let n = delivery_count.unwrap_or_default();
@@ -170,16 +237,53 @@ pub fn admit(d: Delivered<'_>, cfg: &QueueConfig, known: Known<'_>) -> Admission
     if known.stopping {
         return skip(Outcome::Interrupted, "the supervisor was stopping".into());
     }
-    if d.body_len > cfg.max_body_bytes {
+    if d.body.len() > cfg.max_body_bytes {
         return skip(
             Outcome::TooLarge,
             format!(
                 "body of {} bytes exceeds max_body_bytes = {}",
-                d.body_len, cfg.max_body_bytes
+                d.body.len(),
+                cfg.max_body_bytes
             ),
         );
     }
-    Admission::Run { attempt }
+    admission
+}
+
+/// Checks that a reply may go to `to`: never to a queue of this
+/// supervisor's, and only where the queue's `replies` allows.
+pub fn reply_allowed(
+    to: &str,
+    cfg: &QueueConfig,
+    own_queues: &HashSet<String>,
+) -> Result<(), String> {
+    if own_queues.contains(to) {
+        return Err("it is a queue amqp-exec consumes, retries to or dead-letters to".into());
+    }
+    match &cfg.replies {
+        Replies::Off => Err("replies = \"off\"".into()),
+        Replies::Direct
+            if to.starts_with("amq.rabbitmq.reply-to") || to.starts_with("amq.gen-") =>
+        {
+            Ok(())
+        }
+        Replies::Direct => Err(
+            "replies = \"direct\" allows only RabbitMQ's direct reply-to and server-named \
+             (amq.gen-…) queues"
+                .into(),
+        ),
+        Replies::Allow(names) => {
+            let matches = |n: &String| match n.strip_suffix('*') {
+                Some(prefix) => to.starts_with(prefix),
+                None => to == n,
+            };
+            if names.iter().any(matches) {
+                Ok(())
+            } else {
+                Err("it is not one of the queues `replies` names".into())
+            }
+        }
+    }
 }
 
 /// What to do to settle one delivery, in order: the republish, then the
@@ -191,6 +295,8 @@ pub struct Plan {
     /// has confirmed it.
     pub republish: Option<Republish>,
     pub reply: Option<Reply>,
+    /// Why the message's `reply_to` gets no reply, when it is refused.
+    pub refused_reply: Option<String>,
     pub settle: Settle,
 }
 
@@ -230,33 +336,53 @@ pub struct Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyBody {
     Stdout,
-    StderrTail,
+    /// The last this many bytes of the stderr tail.
+    StderrTail(usize),
 }
 
-/// The settlement plan of a delivery whose `attempt`-th job ended as
-/// `ended`, for a connection that takes frames of `frame_max` bytes.
+/// The settlement plan of a delivery admitted as `admission` whose job
+/// ended as `ended`.
 pub fn plan(
     d: Delivered<'_>,
     cfg: &QueueConfig,
-    attempt: u32,
+    admission: &Admission,
     ended: &Ended,
-    frame_max: usize,
-    now: SystemTime,
+    ctx: Context<'_>,
 ) -> Plan {
+    let attempt = admission.attempt;
+    let user_id = admission.user_id.as_deref();
     let decision = policy::decide(ended.outcome, attempt, &cfg.policy);
-    let budget = frame_max.saturating_sub(broker_reserve(cfg));
+    let budget = ctx.frame_max.saturating_sub(broker_reserve(cfg));
     let label = long_string(&ended.outcome.label());
+    let (reply, refused_reply) = match d.reply_to() {
+        None => (None, None),
+        Some(to) => match reply_allowed(to, cfg, ctx.own_queues) {
+            Ok(()) => (Some(to), None),
+            Err(why) => (None, Some(why)),
+        },
+    };
+    let sign = |attempt: Option<u32>| {
+        ctx.key.sign(&Signed {
+            queue: &cfg.name,
+            message_id: d.message_id(),
+            body: d.body,
+            attempt: attempt.map(i64::from),
+            user_id,
+        })
+    };
     match decision {
         Decision::Ack | Decision::Drop => Plan {
             decision,
             republish: None,
-            reply: reply(d, ended, attempt, false, frame_max),
+            reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, false, ctx.frame_max)),
+            refused_reply,
             settle: Settle::Ack,
         },
         Decision::Requeue => Plan {
             decision,
             republish: None,
             reply: None,
+            refused_reply: None,
             settle: Settle::Requeue,
         },
         Decision::Retry {
@@ -266,27 +392,45 @@ pub fn plan(
             let ours = vec![
                 (ATTEMPT_HEADER, AMQPValue::LongInt(clamp_i32(next_attempt))),
                 (EXIT_HEADER, label),
+                (SIGNATURE_HEADER, long_string(&sign(Some(next_attempt)))),
             ];
             Plan {
                 decision,
-                republish: Some(republish(d, cfg.retry_queue(delay), ours, None, budget)),
+                republish: Some(republish(
+                    d,
+                    cfg.retry_queue(delay),
+                    ours,
+                    user_id,
+                    None,
+                    budget,
+                )),
                 reply: None,
+                refused_reply: None,
                 settle: Settle::Ack,
             }
         }
         Decision::DeadLetter => {
-            let failed_at = humantime::format_rfc3339_seconds(now).to_string();
+            let failed_at = humantime::format_rfc3339_seconds(ctx.now).to_string();
             let ours = vec![
                 (EXIT_HEADER, label),
                 (ATTEMPTS_HEADER, AMQPValue::LongInt(clamp_i32(attempt))),
                 (FAILED_AT_HEADER, long_string(&failed_at)),
                 (QUEUE_HEADER, long_string(&cfg.name)),
+                (SIGNATURE_HEADER, long_string(&sign(None))),
             ];
             let tail = String::from_utf8_lossy(&ended.stderr_tail);
             Plan {
                 decision,
-                republish: Some(republish(d, cfg.dead_queue(), ours, Some(&tail), budget)),
-                reply: reply(d, ended, attempt, true, frame_max),
+                republish: Some(republish(
+                    d,
+                    cfg.dead_queue(),
+                    ours,
+                    user_id,
+                    Some(&tail),
+                    budget,
+                )),
+                reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, true, ctx.frame_max)),
+                refused_reply,
                 settle: Settle::Ack,
             }
         }
@@ -349,18 +493,22 @@ fn republish(
     d: Delivered<'_>,
     queue: String,
     mut ours: Vec<(&'static str, AMQPValue)>,
+    user_id: Option<&str>,
     stderr: Option<&str>,
     frame_max: usize,
 ) -> Republish {
     let original = d.properties;
-    if let Some(v) = original.user_id() {
-        ours.push((USER_ID_HEADER, long_string(v.as_str())));
+    if let Some(v) = user_id {
+        ours.push((USER_ID_HEADER, long_string(v)));
     }
-    // The old message's delivery count, attempt and our headers are
-    // replaced; the rest is the publisher's, and may be dropped.
+    // The old message's delivery count, our control headers (whether they
+    // verified or not) and our other headers are replaced; the rest is the
+    // publisher's, and may be dropped.
     let mut replaced: Vec<&str> = vec![
         DELIVERY_COUNT_HEADER,
         ATTEMPT_HEADER,
+        USER_ID_HEADER,
+        SIGNATURE_HEADER,
         STDERR_HEADER,
         DROPPED_HEADER,
     ];
@@ -478,23 +626,26 @@ pub fn republished_properties(original: &BasicProperties) -> BasicProperties {
     props
 }
 
-/// The reply to the delivery's `reply_to`, if it has one: stdout on
-/// success; on a final failure (`failure`), the stderr tail, also in the
-/// [`STDERR_HEADER`] header as far as it fits the frame.
-fn reply(
+/// The reply to `to`, the delivery's `reply_to`: stdout on success; on a
+/// final failure (`failure`), the end of the stderr tail, at most
+/// `reply_stderr_bytes`, also in the [`STDERR_HEADER`] header as far as it
+/// fits the frame. [`REPLY_HEADER`] marks it as a reply.
+fn make_reply(
     d: Delivered<'_>,
+    cfg: &QueueConfig,
+    to: &str,
     ended: &Ended,
     attempt: u32,
     failure: bool,
     frame_max: usize,
-) -> Option<Reply> {
-    let to = d.reply_to()?;
+) -> Reply {
     let mut h = FieldTable::default();
     h.insert(EXIT_HEADER.into(), long_string(&ended.outcome.label()));
     h.insert(
         ATTEMPT_HEADER.into(),
         AMQPValue::LongInt(clamp_i32(attempt)),
     );
+    h.insert(REPLY_HEADER.into(), long_string(&cfg.name));
     if ended.stdout_truncated && !failure {
         h.insert(TRUNCATED_HEADER.into(), AMQPValue::Boolean(true));
     }
@@ -503,24 +654,24 @@ fn reply(
     if let Some(c) = d.properties.correlation_id() {
         props = props.with_correlation_id(c.clone());
     }
-    if failure {
+    if failure && cfg.reply_stderr_bytes > 0 {
         let tail = String::from_utf8_lossy(&ended.stderr_tail);
         let used = headers::header_frame_size(&props.clone().with_headers(h.clone()))
             + entry_size(STDERR_HEADER, 0);
-        let room = frame_max.saturating_sub(used);
+        let room = frame_max.saturating_sub(used).min(cfg.reply_stderr_bytes);
         h.insert(STDERR_HEADER.into(), long_string(last_bytes(&tail, room)));
     }
-    Some(Reply {
+    Reply {
         to: to.to_owned(),
         properties: props.with_headers(h),
         body: if failure {
-            ReplyBody::StderrTail
+            ReplyBody::StderrTail(cfg.reply_stderr_bytes)
         } else {
             ReplyBody::Stdout
         },
         mandatory: !direct,
         required: !failure,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -528,6 +679,15 @@ mod tests {
     use super::*;
     use crate::config;
     use proptest::prelude::*;
+    use std::sync::LazyLock;
+
+    static KEY: LazyLock<SigningKey> =
+        LazyLock::new(|| SigningKey::from_secret(&[b'k'; 32], std::path::Path::new("k")).unwrap());
+    static OWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
+        ["q", "q.dead", "q.retry.1s", "other"]
+            .map(String::from)
+            .into()
+    });
 
     fn queue(extra: &str) -> QueueConfig {
         let text = format!(
@@ -552,12 +712,39 @@ mod tests {
         Delivered {
             properties: props,
             redelivered: false,
-            body_len: 1,
+            body: b"x",
         }
+    }
+
+    fn ctx(frame_max: usize) -> Context<'static> {
+        Context {
+            frame_max,
+            now: SystemTime::UNIX_EPOCH,
+            key: &KEY,
+            own_queues: &OWN,
+        }
+    }
+
+    fn admitted(attempt: u32) -> Admission {
+        Admission {
+            attempt,
+            user_id: None,
+            forged: false,
+            skip: None,
+        }
+    }
+
+    /// The plan of the `attempt`-th run, admitted with no user.
+    fn plan_of(d: Delivered<'_>, cfg: &QueueConfig, attempt: u32, e: &Ended, frame: usize) -> Plan {
+        plan(d, cfg, &admitted(attempt), e, ctx(frame))
     }
 
     fn header<'a>(p: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
         p.headers().as_ref()?.inner().get(key)
+    }
+
+    fn skipped(a: &Admission) -> Option<Outcome> {
+        a.skip.as_ref().map(|e| e.outcome)
     }
 
     const FRAME: usize = 131_072;
@@ -566,76 +753,48 @@ mod tests {
     fn admission_order_and_attempts() {
         let cfg = queue("queue_type = \"quorum\"");
         let mut h = FieldTable::default();
-        h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(2));
         h.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
         let props = BasicProperties::default().with_headers(h);
         let mut d = delivered(&props);
+        let none = Known::default();
         // The count is a publisher's on a first delivery.
-        assert_eq!(
-            admit(d, &cfg, Known::default()),
-            Admission::Run { attempt: 2 }
-        );
+        assert_eq!(admit(d, &cfg, none, &KEY), admitted(1));
         d.redelivered = true;
-        assert_eq!(
-            admit(d, &cfg, Known::default()),
-            Admission::Run { attempt: 3 }
-        );
+        assert_eq!(admit(d, &cfg, none, &KEY), admitted(2));
         let recorded = Recorded {
             attempt: 7,
             ended: ended(Outcome::Exit(1)),
         };
         let known = Known {
             recorded: Some(&recorded),
-            ..Known::default()
+            ..none
         };
-        assert_eq!(
-            admit(d, &cfg, known),
-            Admission::Skip {
-                attempt: 7,
-                ended: ended(Outcome::Exit(1))
-            }
-        );
+        let a = admit(d, &cfg, known, &KEY);
+        assert_eq!((a.attempt, a.skip), (7, Some(ended(Outcome::Exit(1)))));
         let lost = Known {
             connection_losses: 3,
-            ..Known::default()
+            ..none
         };
-        assert!(matches!(
-            admit(d, &cfg, lost),
-            Admission::Skip {
-                ended: Ended {
-                    outcome: Outcome::ConnectionLosses,
-                    ..
-                },
-                ..
-            }
-        ));
+        assert_eq!(
+            skipped(&admit(d, &cfg, lost, &KEY)),
+            Some(Outcome::ConnectionLosses)
+        );
         let off = queue("max_connection_losses = 0");
-        assert!(matches!(admit(d, &off, lost), Admission::Run { .. }));
+        assert_eq!(skipped(&admit(d, &off, lost, &KEY)), None);
         let stopping = Known {
             stopping: true,
-            ..Known::default()
+            ..none
         };
-        assert!(matches!(
-            admit(d, &cfg, stopping),
-            Admission::Skip {
-                ended: Ended {
-                    outcome: Outcome::Interrupted,
-                    ..
-                },
-                ..
-            }
-        ));
-        d.body_len = cfg.max_body_bytes + 1;
-        assert!(matches!(
-            admit(d, &cfg, Known::default()),
-            Admission::Skip {
-                ended: Ended {
-                    outcome: Outcome::TooLarge,
-                    ..
-                },
-                ..
-            }
-        ));
+        assert_eq!(
+            skipped(&admit(d, &cfg, stopping, &KEY)),
+            Some(Outcome::Interrupted)
+        );
+        let big = vec![b'x'; cfg.max_body_bytes + 1];
+        d.body = &big;
+        assert_eq!(
+            skipped(&admit(d, &cfg, none, &KEY)),
+            Some(Outcome::TooLarge)
+        );
     }
 
     #[test]
@@ -647,23 +806,95 @@ mod tests {
         let d = Delivered {
             properties: &props,
             redelivered: true,
-            body_len: 1,
+            body: b"x",
         };
-        assert_eq!(
-            admit(d, &cfg, Known::default()),
-            Admission::Run { attempt: 501 }
-        );
+        assert_eq!(admit(d, &cfg, Known::default(), &KEY), admitted(501));
         let limited = queue("queue_type = \"quorum\"\n[queue.arguments]\nx-delivery-limit = 5\n");
-        assert!(matches!(
-            admit(d, &limited, Known::default()),
-            Admission::Skip {
-                ended: Ended {
-                    outcome: Outcome::Redelivered,
-                    ..
-                },
-                ..
-            }
-        ));
+        assert_eq!(
+            skipped(&admit(d, &limited, Known::default(), &KEY)),
+            Some(Outcome::Redelivered)
+        );
+    }
+
+    #[test]
+    fn control_headers_count_only_when_signed_by_our_key() {
+        let cfg = queue("");
+        // A publisher's attempt and user id: ignored.
+        let mut h = FieldTable::default();
+        h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(3));
+        h.insert(USER_ID_HEADER.into(), long_string("admin"));
+        let forged = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(h.clone());
+        let a = admit(delivered(&forged), &cfg, Known::default(), &KEY);
+        assert_eq!((a.attempt, a.user_id.as_deref(), a.forged), (1, None, true));
+        h.insert(SIGNATURE_HEADER.into(), long_string("AAAA"));
+        let badly = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(h);
+        assert!(admit(delivered(&badly), &cfg, Known::default(), &KEY).forged);
+
+        // Our own retry of a message from broker user "app": trusted.
+        let original = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_user_id("app".into());
+        let first = admit(delivered(&original), &cfg, Known::default(), &KEY);
+        assert_eq!(first.user_id.as_deref(), Some("app"));
+        let retry = plan(
+            delivered(&original),
+            &cfg,
+            &first,
+            &ended(Outcome::Exit(1)),
+            ctx(FRAME),
+        );
+        let rp = retry.republish.unwrap();
+        let again = admit(delivered(&rp.properties), &cfg, Known::default(), &KEY);
+        assert_eq!(
+            (again.attempt, again.user_id.as_deref(), again.forged),
+            (2, Some("app"), false)
+        );
+        // The same headers on another message, queue or key: not trusted.
+        let other_body = Delivered {
+            body: b"other",
+            ..delivered(&rp.properties)
+        };
+        assert!(admit(other_body, &cfg, Known::default(), &KEY).forged);
+        let mut other_queue = cfg.clone();
+        other_queue.name = "r".into();
+        assert!(
+            admit(
+                delivered(&rp.properties),
+                &other_queue,
+                Known::default(),
+                &KEY
+            )
+            .forged
+        );
+        let other_key = SigningKey::random();
+        assert!(
+            admit(
+                delivered(&rp.properties),
+                &cfg,
+                Known::default(),
+                &other_key
+            )
+            .forged
+        );
+        // A forged header is not carried on.
+        let f = admit(delivered(&forged), &cfg, Known::default(), &KEY);
+        let fp = plan(
+            delivered(&forged),
+            &cfg,
+            &f,
+            &ended(Outcome::Exit(1)),
+            ctx(FRAME),
+        );
+        let fr = fp.republish.unwrap();
+        assert_eq!(header(&fr.properties, USER_ID_HEADER), None);
+        assert_eq!(
+            header(&fr.properties, ATTEMPT_HEADER),
+            Some(&AMQPValue::LongInt(2))
+        );
     }
 
     #[test]
@@ -675,16 +906,17 @@ mod tests {
             .with_user_id("app".into())
             .with_expiration("5000".into());
         let d = delivered(&props);
-        let now = SystemTime::UNIX_EPOCH;
+        let a = admit(d, &cfg, Known::default(), &KEY);
 
-        let ok = plan(d, &cfg, 1, &ended(Outcome::Exit(0)), FRAME, now);
+        let ok = plan(d, &cfg, &a, &ended(Outcome::Exit(0)), ctx(FRAME));
         assert_eq!(ok.settle, Settle::Ack);
         assert!(ok.republish.is_none());
         let r = ok.reply.unwrap();
         assert!(r.required && !r.mandatory);
         assert_eq!(r.body, ReplyBody::Stdout);
+        assert_eq!(header(&r.properties, REPLY_HEADER), Some(&long_string("q")));
 
-        let retry = plan(d, &cfg, 1, &ended(Outcome::Exit(1)), FRAME, now);
+        let retry = plan(d, &cfg, &a, &ended(Outcome::Exit(1)), ctx(FRAME));
         let rp = retry.republish.unwrap();
         assert_eq!(rp.queue, "q.retry.1s");
         assert_eq!(
@@ -695,11 +927,16 @@ mod tests {
             header(&rp.properties, USER_ID_HEADER),
             Some(&long_string("app"))
         );
+        assert!(header(&rp.properties, SIGNATURE_HEADER).is_some());
         assert_eq!(rp.properties.user_id(), &None);
         assert_eq!(rp.properties.expiration(), &None);
         assert!(retry.reply.is_none());
 
-        let dead = plan(d, &cfg, 3, &ended(Outcome::Exit(1)), FRAME, now);
+        let last = Admission {
+            attempt: 3,
+            ..a.clone()
+        };
+        let dead = plan(d, &cfg, &last, &ended(Outcome::Exit(1)), ctx(FRAME));
         let dp = dead.republish.unwrap();
         assert_eq!(dp.queue, "q.dead");
         assert_eq!(header(&dp.properties, ATTEMPT_HEADER), None);
@@ -715,13 +952,65 @@ mod tests {
             header(&dp.properties, FAILED_AT_HEADER),
             Some(&long_string("1970-01-01T00:00:00Z"))
         );
+        // A direct requester gets no stderr by default.
         let fr = dead.reply.unwrap();
         assert!(!fr.required);
-        assert_eq!(fr.body, ReplyBody::StderrTail);
+        assert_eq!(fr.body, ReplyBody::StderrTail(0));
+        assert_eq!(header(&fr.properties, STDERR_HEADER), None);
 
-        let requeue = plan(d, &cfg, 1, &ended(Outcome::SpawnFailed), FRAME, now);
+        let requeue = plan(d, &cfg, &a, &ended(Outcome::SpawnFailed), ctx(FRAME));
         assert_eq!(requeue.settle, Settle::Requeue);
         assert!(requeue.republish.is_none() && requeue.reply.is_none());
+    }
+
+    #[test]
+    fn replies_go_only_where_allowed() {
+        let direct = queue("");
+        let off = queue("replies = \"off\"");
+        let listed = queue("replies = [\"results\", \"reply.*\", \"q.dead\"]");
+        for (to, cfg, ok) in [
+            ("amq.rabbitmq.reply-to.g1h2", &direct, true),
+            ("amq.gen-abc", &direct, true),
+            ("results", &direct, false),
+            ("other", &direct, false),
+            ("amq.gen-abc", &off, false),
+            ("results", &listed, true),
+            ("reply.42", &listed, true),
+            ("replyx", &listed, false),
+            ("amq.gen-abc", &listed, false),
+            // Never one of ours, whatever the list says.
+            ("q.dead", &listed, false),
+            ("q", &listed, false),
+        ] {
+            assert_eq!(reply_allowed(to, cfg, &OWN).is_ok(), ok, "{to}");
+        }
+        let props = BasicProperties::default().with_reply_to("other".into());
+        let p = plan_of(
+            delivered(&props),
+            &direct,
+            1,
+            &ended(Outcome::Exit(0)),
+            FRAME,
+        );
+        assert!(p.reply.is_none());
+        assert!(p.refused_reply.unwrap().contains("consumes"));
+        assert_eq!(p.settle, Settle::Ack);
+        // A listed queue gets 4 KiB of stderr on failure by default.
+        let props = BasicProperties::default().with_reply_to("results".into());
+        let p = plan_of(
+            delivered(&props),
+            &listed,
+            3,
+            &ended(Outcome::Exit(1)),
+            FRAME,
+        );
+        let r = p.reply.unwrap();
+        assert_eq!(r.body, ReplyBody::StderrTail(4096));
+        assert!(r.mandatory);
+        assert_eq!(
+            header(&r.properties, STDERR_HEADER),
+            Some(&long_string("oops\n"))
+        );
     }
 
     #[test]
@@ -741,28 +1030,14 @@ mod tests {
             let props = base.with_headers(h);
             assert_eq!(headers::header_frame_size(&props), FRAME - slack);
             let d = delivered(&props);
-            let retry = plan(
-                d,
-                &cfg,
-                1,
-                &ended(Outcome::Exit(1)),
-                FRAME,
-                SystemTime::now(),
-            );
+            let retry = plan_of(d, &cfg, 1, &ended(Outcome::Exit(1)), FRAME);
             let rp = retry.republish.unwrap();
-            // Our two headers take 48 bytes, and the broker's need room.
-            let room = broker_reserve(&cfg) + 48;
+            // Our three headers, and the broker's need room.
+            let room = broker_reserve(&cfg) + 120;
             assert_eq!(rp.dropped.is_empty(), slack >= room, "slack {slack}");
             // The dead letter of the retried message.
             let d2 = delivered(&rp.properties);
-            let dead = plan(
-                d2,
-                &cfg,
-                3,
-                &ended(Outcome::Exit(65)),
-                FRAME,
-                SystemTime::now(),
-            );
+            let dead = plan_of(d2, &cfg, 3, &ended(Outcome::Exit(65)), FRAME);
             let dp = dead.republish.unwrap();
             for p in [&rp.properties, &dp.properties] {
                 let limit = FRAME - broker_reserve(&cfg);
@@ -789,14 +1064,7 @@ mod tests {
             long_string(&"b".repeat(FRAME - reserve - 500)),
         );
         let props = BasicProperties::default().with_headers(h);
-        let retry = plan(
-            delivered(&props),
-            &cfg,
-            1,
-            &ended(Outcome::Exit(1)),
-            FRAME,
-            SystemTime::now(),
-        );
+        let retry = plan_of(delivered(&props), &cfg, 1, &ended(Outcome::Exit(1)), FRAME);
         assert!(retry.republish.unwrap().dropped.is_empty());
     }
 
@@ -884,7 +1152,9 @@ mod tests {
                 stdout: Vec::new(),
                 stdout_truncated: true,
             };
-            let p = plan(delivered(&props), &cfg, attempt, &e, frame_max, SystemTime::now());
+            let a = admit(delivered(&props), &cfg, Known::default(), &KEY);
+            let a = Admission { attempt, ..a };
+            let p = plan(delivered(&props), &cfg, &a, &e, ctx(frame_max));
             if let Some(r) = &p.republish {
                 let limit = frame_max - broker_reserve(&cfg);
                 prop_assert!(headers::header_frame_size(&r.properties) <= limit);

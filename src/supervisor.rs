@@ -11,6 +11,7 @@ use crate::metrics::{self, GlobalStats, QueueStats};
 use crate::slots::{GlobalSlots, QueueSlots};
 use crate::{broker, consumer, runner, systemd};
 use futures_lite::StreamExt;
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -68,6 +69,8 @@ pub struct QueueState {
     previous: Mutex<Option<Arc<QueueState>>>,
     /// `max_rate`: when the next job may start.
     next_start: tokio::sync::Mutex<tokio::time::Instant>,
+    /// The log said once that `replies = "off"` ignores `reply_to`.
+    pub replies_off_noted: AtomicBool,
 }
 
 impl QueueState {
@@ -87,6 +90,7 @@ impl QueueState {
             pause: watch::Sender::new(String::new()),
             stop: shared.stop.child_token(),
             previous: Mutex::new(old.cloned()),
+            replies_off_noted: AtomicBool::new(false),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             cfg,
         }
@@ -133,6 +137,12 @@ pub struct Shared {
     queue_slots: QueueSlots,
     /// What the instance remembers of messages across deliveries.
     pub memory: Memory,
+    /// The key of signed control headers (the first config's: a reload
+    /// does not change it).
+    pub signing_key: crate::signing::SigningKey,
+    /// Every queue the configured queues consume, retry to and dead-letter
+    /// to; see [`Shared::own_queues`].
+    own_queues: RwLock<Arc<HashSet<String>>>,
     pub stop: CancellationToken,
     pub interrupt: CancellationToken,
     /// When jobs still settling after `interrupt` are given up; see
@@ -175,6 +185,8 @@ impl Shared {
             global: GlobalSlots::new(cfg.max_workers),
             queue_slots: QueueSlots::default(),
             memory: Memory::default(),
+            signing_key: cfg.signing_key.clone(),
+            own_queues: RwLock::new(Arc::new(cfg.own_queues())),
             stop: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             settle_deadline: Mutex::new(None),
@@ -227,6 +239,12 @@ impl Shared {
                 *q = previous.clone();
             }
         }
+    }
+
+    /// Every queue the configured queues consume, retry to and dead-letter
+    /// to: no reply goes there.
+    pub fn own_queues(&self) -> Arc<HashSet<String>> {
+        self.own_queues.read().expect("not poisoned").clone()
     }
 
     /// A snapshot of the configured queues.
@@ -797,6 +815,11 @@ fn reload(shared: &Shared) -> Vec<Arc<QueueState>> {
         systemd::notify_reloading();
     }
     *shared.shutdown_grace.lock().expect("not poisoned") = cfg.shutdown_grace;
+    // The queues a reload removes keep their names here: their messages may
+    // still come back.
+    let mut own = (*shared.own_queues()).clone();
+    own.extend(cfg.own_queues());
+    *shared.own_queues.write().expect("not poisoned") = Arc::new(own);
     let mut current = shared.queues.write().expect("not poisoned");
     let mut next = Vec::with_capacity(cfg.queues.len());
     let mut started = Vec::new();

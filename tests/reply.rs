@@ -18,10 +18,12 @@ if [ "$body" = fail ]; then echo "cannot do $body" >&2; exit 3; fi
 printf '{"echo":"%s","attempt":%s}' "$body" "$AMQP_EXEC_ATTEMPT"
 "#;
 
+/// A queue whose worker echoes its body as JSON; replies may go to the
+/// tests' named reply queues and to direct reply-to.
 fn echo_config(work: &Workdir, q: &str, concurrency: usize) -> String {
     let w = work.script("echo.sh", ECHO);
     format!(
-        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = {concurrency}\nmax_attempts = 2\nbackoff = [\"200ms\"]\n",
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = {concurrency}\nmax_attempts = 2\nbackoff = [\"200ms\"]\nreplies = [\"test-repl*\", \"amq.rabbitmq.reply-to*\"]\n",
         w.display()
     )
 }
