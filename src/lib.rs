@@ -19,7 +19,8 @@
 //! - [`systemd`] — sd_notify;
 //! - [`metrics`] — counters;
 //! - [`tls`] — `amqps://` connections and `[broker.tls]`;
-//! - [`random`] — random numbers for jitter and ids.
+//! - [`random`] — random numbers for jitter and ids;
+//! - [`reaper`] — reaping orphans when running as PID 1.
 
 pub mod broker;
 pub mod cli;
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod policy;
 pub mod publish;
 pub mod random;
+pub mod reaper;
 pub mod runner;
 pub mod settlement;
 pub mod signing;

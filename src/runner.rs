@@ -115,15 +115,21 @@ pub async fn run(
         cmd.current_dir(dir);
     }
     apply_sandbox(&mut cmd, job.sandbox);
+    let spawning = crate::reaper::spawning();
     let spawned = cmd.spawn();
     // The command holds the child's ends of the pipes: close them here, so
     // that the worker's exit gives end-of-file and a broken stdin pipe.
     drop(cmd);
     let mut child = match spawned {
         Ok(child) => child,
-        Err(e) => return spawn_failed(spawn_error_text(job.command, job.working_dir, &e)),
+        Err(e) => {
+            drop(spawning);
+            return spawn_failed(spawn_error_text(job.command, job.working_dir, &e));
+        }
     };
     let pid = child.id();
+    // Known to the reaper (as PID 1) until tokio has its status.
+    let _worker = spawning.started(pid);
     let pgid = pid.map(|p| p as i32).unwrap_or(0);
     // Declared after `child`, so dropped before it: if this future is
     // dropped with the worker running (the runtime shutting down), its
@@ -251,11 +257,12 @@ fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
     if *sandbox == Sandbox::default() {
         return;
     }
-    let (memory, files, cpu, nice) = (
+    let (memory, files, cpu, nice, core) = (
         sandbox.memory_limit,
         sandbox.max_open_files,
         sandbox.cpu_time,
         sandbox.nice,
+        sandbox.core_size,
     );
     let user = sandbox.user.as_ref().map(|u| {
         let groups: Vec<nix::unistd::Gid> = u
@@ -267,8 +274,9 @@ fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
     });
     let group = sandbox.group.as_ref().map(|(_, gid)| *gid);
     // SAFETY: the hook runs in the child between fork and exec. It makes only
-    // async-signal-safe system calls (setrlimit, setpriority, setgroups,
-    // setgid, setuid) on values prepared before the fork, and allocates nothing.
+    // async-signal-safe system calls (getrlimit, setrlimit, setpriority,
+    // setgroups, setgid, setuid) on values prepared before the fork, and
+    // allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             use nix::sys::resource::{Resource, setrlimit};
@@ -280,6 +288,11 @@ fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
             };
             limit(Resource::RLIMIT_AS, memory)?;
             limit(Resource::RLIMIT_NOFILE, files)?;
+            if let Some(bytes) = core {
+                // Up to the hard limit, which only root may raise.
+                let (_, hard) = nix::sys::resource::getrlimit(Resource::RLIMIT_CORE).map_err(io)?;
+                setrlimit(Resource::RLIMIT_CORE, bytes.min(hard), hard).map_err(io)?;
+            }
             if let Some(secs) = cpu {
                 // Soft limit: SIGXCPU at the limit; hard limit a second later: SIGKILL.
                 setrlimit(Resource::RLIMIT_CPU, secs, secs + 1).map_err(io)?;
@@ -291,8 +304,13 @@ fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
             }
             match (&user, group) {
                 (Some((uid, gid, groups)), group) => {
-                    if Uid::effective().is_root() {
-                        setgroups(groups).map_err(io)?;
+                    // The supervisor's supplementary groups are not the
+                    // user's: replace them wherever the process may
+                    // (root, or CAP_SETGID).
+                    match setgroups(groups) {
+                        Ok(()) => {}
+                        Err(nix::errno::Errno::EPERM) if !Uid::effective().is_root() => {}
+                        Err(e) => return Err(io(e)),
                     }
                     setgid(Gid::from_raw(group.unwrap_or(*gid))).map_err(io)?;
                     setuid(Uid::from_raw(*uid)).map_err(io)?;

@@ -417,6 +417,24 @@ fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
     env
 }
 
+/// Keeps the broker password and the signing key from the workers: the
+/// process is made non-dumpable, so that its `/proc/<pid>/environ` and
+/// memory are root's only, even to workers that run as the same user (it
+/// resets on exec: workers are not affected). Workers inherit a soft
+/// core-size limit of 0, so that a crashing worker's core dump carries no
+/// message body (a queue's `max_core_size` raises it).
+fn protect_secrets() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("cannot make the process non-dumpable (prctl): {e}");
+    }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_CORE)
+        && let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, hard)
+    {
+        tracing::warn!("cannot set the core-size limit of workers to 0: {e}");
+    }
+}
+
 /// Startup warnings about a queue's settings.
 fn warn_about(q: &QueueConfig) {
     if nix::unistd::geteuid().is_root() && q.sandbox.user.is_none() {
@@ -442,6 +460,8 @@ fn warn_about(q: &QueueConfig) {
 
 /// Runs the supervisor until it is told to stop and has drained.
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
+    protect_secrets();
+    crate::reaper::start();
     let shared = Arc::new(Shared::new(&cfg, &opts));
     for q in &cfg.queues {
         warn_about(q);
