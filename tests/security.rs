@@ -524,3 +524,43 @@ fn children(parent: i32) -> Vec<i32> {
         .filter(|p| stat_fields(*p).is_some_and(|(_, pp)| pp == parent))
         .collect()
 }
+
+/// The README says what a publisher can and cannot make amqp-exec do, and
+/// the units show how to keep the broker password in a systemd credential.
+#[test]
+fn the_security_setup_is_documented() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let section = readme
+        .split("\n## Security\n")
+        .nth(1)
+        .expect("a Security section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    for needle in [
+        "A publisher can",
+        "A publisher cannot",
+        "replies",
+        "x-amqp-exec-signature",
+        "key_file",
+        "LoadCredential=",
+        "password_file",
+        "PID 1",
+    ] {
+        assert!(
+            section.contains(needle),
+            "the Security section names {needle}"
+        );
+    }
+    for unit in ["deploy/amqp-exec.service", "deploy/amqp-exec@.service"] {
+        let text = std::fs::read_to_string(repo(unit)).unwrap();
+        assert!(
+            text.contains("LoadCredential=") && text.contains("password_file"),
+            "{unit} shows the credential setup"
+        );
+    }
+    let packaged = std::fs::read_to_string(repo("deploy/example-packaged.toml")).unwrap();
+    assert!(packaged.contains("key_file = \"/etc/amqp-exec/signing.key\""));
+    let postinst = std::fs::read_to_string(repo("deploy/debian/postinst")).unwrap();
+    assert!(postinst.contains("signing.key") && postinst.contains("0640"));
+}
