@@ -310,6 +310,32 @@ fn as_test_user() -> Vec<String> {
     ]
 }
 
+/// A copy of the binary that the test user can execute wherever the
+/// checkout is (a home folder may be closed to other users).
+fn public_bin() -> String {
+    use std::os::unix::fs::PermissionsExt;
+    static COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        // Copies of earlier runs whose process is gone.
+        for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("amqp-exec-bin-")
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("amqp-exec-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("amqp-exec");
+        std::fs::copy(BIN, &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin.display().to_string()
+    })
+    .clone()
+}
+
 fn open_up(work: &Workdir) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -336,9 +362,9 @@ async fn workers_cannot_read_the_broker_password() {
             worker.display()
         ),
     );
-    let mut child = Command::new("setpriv")
+    let child = Command::new("setpriv")
         .args(as_test_user())
-        .arg(BIN)
+        .arg(public_bin())
         .arg("--config")
         .arg(&config)
         .args(["run", "--max-jobs", "1"])
@@ -379,7 +405,7 @@ fn check_as_test_user(config: &str) -> (i32, String) {
     let path = work.write("config.toml", config);
     let out = Command::new("setpriv")
         .args(as_test_user())
-        .arg(BIN)
+        .arg(public_bin())
         .arg("--config")
         .arg(&path)
         .arg("check")
