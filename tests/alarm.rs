@@ -10,7 +10,6 @@ mod common;
 
 use common::*;
 use nix::sys::signal::Signal;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn alarms() -> String {
@@ -51,12 +50,12 @@ impl Drop for MemoryAlarm {
         // No panics here (a failed test unwinds through it): try for a while.
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
-            let restored = Command::new("rabbitmqctl")
+            let restored = rabbitmqctl_command()
                 .arg("set_vm_memory_high_watermark")
                 .args(&self.restore)
                 .status()
                 .is_ok_and(|s| s.success());
-            let cleared = Command::new("rabbitmqctl")
+            let cleared = rabbitmqctl_command()
                 .args(["eval", "rabbit_alarm:get_alarms()."])
                 .output()
                 .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("memory"));

@@ -47,7 +47,7 @@ impl Drop for BrokerGuard {
 }
 
 fn rabbitmqctl(args: &[&str]) -> bool {
-    std::process::Command::new("rabbitmqctl")
+    rabbitmqctl_command()
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -104,7 +104,7 @@ impl PolicyGuard {
 
 impl Drop for PolicyGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["clear_policy", &self.name])
             .stdin(std::process::Stdio::null())
             .output();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// `rabbitmqctl list_queues name <column>`: (queue, value) for every queue.
 fn list_queues(column: &str) -> Vec<(String, String)> {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = rabbitmqctl_command()
         .args(["-q", "list_queues", "name", column])
         .output()
         .expect("rabbitmqctl");

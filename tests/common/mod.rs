@@ -28,9 +28,20 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `rabbitmqctl` for the broker under test: the program `RABBITMQCTL`
+/// names (`deploy/test-brokers.sh env` sets it for its brokers), else the
+/// host's `rabbitmqctl`. Every test reaches its broker's `rabbitmqctl`
+/// through this.
+pub fn rabbitmqctl_command() -> Command {
+    let program = std::env::var_os("RABBITMQCTL")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "rabbitmqctl".into());
+    Command::new(program)
+}
+
 /// Runs `rabbitmqctl` against the broker under test; its output.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+    let out = rabbitmqctl_command()
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -71,7 +82,7 @@ impl BrokerUser {
 
 impl Drop for BrokerUser {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["delete_user", &self.name])
             .stdin(Stdio::null())
             .output();
