@@ -851,9 +851,15 @@ fn packaged_example_names_installed_workers_and_passes_check() {
     // The same config as the quick start's, past the header comment, with
     // the workers at their installed paths.
     let body = |t: &str| t[t.find("\n\n").expect("a header comment")..].to_owned();
+    // ...and the signing key the package creates.
     assert_eq!(
         body(&packaged),
-        body(&quickstart).replace("\"workers/", &format!("\"{INSTALLED}")),
+        body(&quickstart)
+            .replace("\"workers/", &format!("\"{INSTALLED}"))
+            .replace(
+                "# key_file = \"/etc/amqp-exec/signing.key\"",
+                "key_file = \"/etc/amqp-exec/signing.key\"",
+            ),
         "{source} must be deploy/example.toml with the installed worker paths"
     );
     // Every worker it names is installed there, executable.
@@ -897,15 +903,20 @@ fn packaged_example_names_installed_workers_and_passes_check() {
     assert_eq!(code, 1, "{stdout}");
 }
 
-/// Runs a maintainer script of deploy/debian with `systemctl`, `getent` and
-/// `adduser` replaced by stubs that log their arguments, and systemd taken
-/// to be running; the calls it made.
+/// Runs a maintainer script of deploy/debian with `systemctl`, `getent`,
+/// `adduser` and `chown` replaced by stubs that log their arguments, systemd
+/// taken to be running, and /etc/amqp-exec in `etc`; the calls it made.
 fn run_maintainer_script(name: &str, args: &[&str]) -> String {
+    let etc = Workdir::new();
+    run_maintainer_script_in(name, args, etc.path())
+}
+
+fn run_maintainer_script_in(name: &str, args: &[&str], etc: &std::path::Path) -> String {
     let work = Workdir::new();
     let log = work.file("calls");
     let bin = work.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    for stub in ["systemctl", "getent", "adduser"] {
+    for stub in ["systemctl", "getent", "adduser", "chown"] {
         let path = bin.join(stub);
         std::fs::write(
             &path,
@@ -921,7 +932,9 @@ fn run_maintainer_script(name: &str, args: &[&str]) -> String {
     assert!(text.contains("/run/systemd/system"), "{name}");
     let script = work.write(
         name,
-        &text.replace("/run/systemd/system", running.to_str().unwrap()),
+        &text
+            .replace("/run/systemd/system", running.to_str().unwrap())
+            .replace("/etc/amqp-exec", etc.to_str().unwrap()),
     );
     let status = std::process::Command::new("sh")
         .arg(&script)
@@ -935,8 +948,26 @@ fn run_maintainer_script(name: &str, args: &[&str]) -> String {
 
 #[test]
 fn maintainer_scripts_restart_on_upgrade_and_stop_and_disable_on_removal() {
-    let install = run_maintainer_script("postinst", &["configure", ""]);
+    let etc = Workdir::new();
+    let install = run_maintainer_script_in("postinst", &["configure", ""], etc.path());
     assert!(install.contains("systemctl daemon-reload"), "{install}");
+    // The signing key: made once, readable by the service's group only.
+    let key = etc.file("signing.key");
+    let first = std::fs::read_to_string(&key).unwrap();
+    assert!(first.trim().len() >= 32, "{first}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    assert!(
+        install.contains(&format!("chown root:amqp-exec {}", key.display())),
+        "{install}"
+    );
+    run_maintainer_script_in("postinst", &["configure", "0.0.9-1"], etc.path());
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        first,
+        "kept on upgrade"
+    );
     assert!(
         !install.contains("restart") && !install.contains("start "),
         "{install}"
