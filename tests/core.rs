@@ -879,10 +879,14 @@ fn packaged_example_names_installed_workers_and_passes_check() {
     assert!(named >= 1);
     // `check` passes where the workers exist, run from another directory
     // like the service (WorkingDirectory=/var/lib/amqp-exec).
+    // The key the package makes, here beside the config.
     let work = Workdir::new();
+    work.write("signing.key", "0123456789abcdef0123456789abcdef0123\n");
     let config = work.write(
         "example.toml",
-        &packaged.replace(INSTALLED, &format!("{}/", repo("workers"))),
+        &packaged
+            .replace(INSTALLED, &format!("{}/", repo("workers")))
+            .replace("\"/etc/amqp-exec/signing.key\"", "\"signing.key\""),
     );
     let (code, stdout, stderr) = cli_with(
         &["--config", config.to_str().unwrap(), "check"],
