@@ -76,11 +76,20 @@ ensure_mounts() {
     cp /etc/hosts "$ROOT/etc/hosts"
 }
 
+# The chroot's rabbitmq user and group, as numbers (the host may give the
+# same numbers to other names).
+owner() {
+    local uid gid
+    uid=$(awk -F: '$1 == "rabbitmq" { print $3 }' "$ROOT/etc/passwd")
+    gid=$(awk -F: '$1 == "rabbitmq" { print $3 }' "$ROOT/etc/group")
+    echo "$uid:$gid"
+}
+
 # Runs a RabbitMQ script of the chroot as its rabbitmq user, for node $1.
 in_node() {
     local node=$1 script=$2
     shift 2
-    chroot --userspec=rabbitmq:rabbitmq "$ROOT" /usr/bin/env -i \
+    chroot --userspec="$(owner)" "$ROOT" /usr/bin/env -i \
         HOME=/var/lib/rabbitmq LANG=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin \
         ERL_EPMD_PORT=$EPMD_PORT \
         RABBITMQ_NODENAME="$node@localhost" \
@@ -122,11 +131,10 @@ start_node() {
         return
     fi
     say "starting $node@localhost on 127.0.0.1:$port"
-    install -d -o rabbitmq -g rabbitmq "$ROOT/var/lib/rabbitmq" "$ROOT/var/log/rabbitmq"
     : >"$ROOT/var/lib/rabbitmq/$node.plugins"
     # A small config: no disk alarm on a busy test disk; the rest default.
     printf 'disk_free_limit.absolute = 50MB\n' >"$ROOT/var/lib/rabbitmq/$node.conf"
-    chown rabbitmq:rabbitmq "$ROOT/var/lib/rabbitmq/$node.plugins" "$ROOT/var/lib/rabbitmq/$node.conf"
+    chown -R "$(owner)" "$ROOT/var/lib/rabbitmq" "$ROOT/var/log/rabbitmq"
     in_node "$node" rabbitmq-server -detached
 }
 

@@ -312,16 +312,17 @@ async fn max_rate_spaces_the_jobs() {
     broker.declare(&q).await;
     let work = Workdir::new();
     let messages: Vec<(String, Vec<u8>)> =
-        (0..100).map(|i| (format!("r{i}"), b"x".to_vec())).collect();
+        (0..200).map(|i| (format!("r{i}"), b"x".to_vec())).collect();
     broker.publish_many(&q, &messages).await;
     let config = format!(
         "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nconcurrency = 4\nmax_rate = \"20/s\"\n",
         repo("workers/testing/record.sh")
     );
     let t = Instant::now();
-    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "100"]);
-    // Sample the unacked deliveries while it runs: the rate limit must hold
-    // messages back in the broker, not in our hands.
+    let mut sup = Supervisor::start(&work, &config, &["--max-jobs", "200"]);
+    // Sample the unacked deliveries while it runs (10 s, time for a few
+    // samples where each rabbitmqctl call takes seconds): the rate limit
+    // must hold messages back in the broker, not in our hands.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let (done, q) = (done.clone(), q.clone());
@@ -335,7 +336,7 @@ async fn max_rate_spaces_the_jobs() {
             max
         })
     };
-    sup.wait_success(Duration::from_secs(30)).await;
+    sup.wait_success(Duration::from_secs(40)).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let max_unacked = sampler.await.unwrap();
     // The prefetch is min(concurrency, ceil(rate)) = 4: a delivery waits at
@@ -347,19 +348,19 @@ async fn max_rate_spaces_the_jobs() {
         "{max_unacked} unacked deliveries"
     );
     let runs = work.ledger();
-    assert_eq!(runs.len(), 100);
+    assert_eq!(runs.len(), 200);
     let first = runs.iter().map(|r| r.start).min().unwrap();
     let last = runs.iter().map(|r| r.start).max().unwrap();
     let span = (last - first) as f64 / 1e9;
     println!(
-        "100 jobs at max_rate 20/s: starts spread over {span:.2}s (total {:.2}s)",
+        "200 jobs at max_rate 20/s: starts spread over {span:.2}s (total {:.2}s)",
         t.elapsed().as_secs_f64()
     );
-    // 100 starts at 20/s: 99 intervals of 50 ms. Never faster; slower only
+    // 200 starts at 20/s: 199 intervals of 50 ms. Never faster; slower only
     // by the stalls of a busy machine (the next turn counts from a late one).
     assert!(
-        (4.45..=7.0).contains(&span),
-        "starts spread over {span:.2}s, expected ~5s"
+        (9.45..=13.0).contains(&span),
+        "starts spread over {span:.2}s, expected ~10s"
     );
     broker.cleanup().await;
 }
