@@ -65,9 +65,10 @@ pub fn consumer_timeout(cfg: &QueueConfig) -> Duration {
 enum End {
     /// Shutdown, max-jobs reached, or the connection is gone.
     Stopped,
-    /// A worker could not be started, or a job's outcome could not be
-    /// recorded with the broker: pause the queue.
-    Paused,
+    /// The command is missing (`requeued` false), or a worker could not be
+    /// started or a job's outcome could not be recorded with the broker
+    /// (its message was requeued): pause the queue, for `why`.
+    Paused { why: String, requeued: bool },
     /// The channel failed; rebuild it.
     ChannelError(String),
 }
@@ -87,133 +88,94 @@ pub async fn run_queue(
         if queue.stop.is_cancelled() || conn_lost.is_cancelled() {
             break;
         }
+        let started = std::time::Instant::now();
         // The topology first, whatever the command: the app's messages
         // wait in the queue rather than being dropped as unroutable.
-        if !declared {
-            match broker::declare_topology(&conn, &queue.cfg).await {
-                Ok(()) => declared = true,
-                Err(e) if queue.takes_over().is_some() && e.contains("other arguments") => {
-                    // A reload changed the queue's arguments, and the broker
-                    // refuses them: the consumer of the running config stays.
-                    tracing::error!(
-                        queue = %queue.name,
-                        "reload: the new settings of the queue cannot be applied ({e}): key \
-                         `arguments` (or `queue_type`) differs from the queue on the broker; the \
-                         consumer of the previous settings keeps running"
-                    );
-                    shared.keep_previous(&queue);
-                    return;
+        let declaring = if declared {
+            Ok(())
+        } else {
+            broker::declare_topology(&conn, &queue.cfg).await
+        };
+        let end = match declaring {
+            Err(e) if queue.takes_over().is_some() && e.contains("other arguments") => {
+                // A reload changed the queue's arguments, and the broker
+                // refuses them: the consumer of the running config stays.
+                tracing::error!(
+                    queue = %queue.name,
+                    "reload: the new settings of the queue cannot be applied ({e}): key \
+                     `arguments` (or `queue_type`) differs from the queue on the broker; the \
+                     consumer of the previous settings keeps running"
+                );
+                shared.keep_previous(&queue);
+                return;
+            }
+            Err(e) => End::ChannelError(e),
+            Ok(()) => {
+                declared = true;
+                // The settings of a reload are accepted: the consumer they
+                // replace ends (its running jobs finish).
+                if let Some(previous) = queue.takes_over() {
+                    previous.stop.cancel();
                 }
-                Err(e) => {
-                    if handle_channel_error(
-                        &queue,
-                        &conn,
-                        &shared,
-                        &conn_lost,
-                        &mut reported_ready,
-                        &mut channel_retry,
-                        e,
-                    )
-                    .await
-                    {
-                        continue;
-                    }
-                    break;
+                match command_available(&queue.cfg) {
+                    Err(why) => End::Paused {
+                        why,
+                        requeued: false,
+                    },
+                    Ok(_) => consume(&queue, &conn, &shared, &conn_lost, &mut reported_ready).await,
                 }
             }
-        }
-        // The settings of a reload are accepted: the consumer they replace
-        // ends (its running jobs finish).
-        if let Some(previous) = queue.takes_over() {
-            previous.stop.cancel();
-        }
-        if let Err(why) = command_available(&queue.cfg) {
-            tracing::error!(
-                queue = %queue.name,
-                "queue paused: {why}; checking again in {}s",
-                pause.as_secs()
-            );
-            if !reported_ready {
-                reported_ready = true;
-                shared.queue_ready(false);
-            }
-            if !sleep_or_stop(pause, &queue, &conn_lost).await {
-                break;
-            }
-            pause = (pause * 2).min(PAUSE_MAX);
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let end = consume(&queue, &conn, &shared, &conn_lost, &mut reported_ready).await;
+        };
         // A queue that ran well for a while starts its backoff over.
         if started.elapsed() > PAUSE_MAX {
             pause = PAUSE_MIN;
             channel_retry = CHANNEL_RETRY;
         }
-        match end {
+        let wait = match end {
             End::Stopped => break,
-            End::Paused => {
-                tracing::error!(
-                    queue = %queue.name,
-                    "queue paused for {}s: {}; messages were requeued without counting an attempt",
-                    pause.as_secs(),
-                    *queue.pause.borrow()
-                );
-                if !sleep_or_stop(pause, &queue, &conn_lost).await {
-                    break;
+            End::Paused { why, requeued } => {
+                if requeued {
+                    tracing::error!(
+                        queue = %queue.name,
+                        "queue paused for {}s: {why}; messages were requeued without counting an attempt",
+                        pause.as_secs()
+                    );
+                } else {
+                    tracing::error!(
+                        queue = %queue.name,
+                        "queue paused: {why}; checking again in {}s",
+                        pause.as_secs()
+                    );
                 }
+                let wait = pause;
                 pause = (pause * 2).min(PAUSE_MAX);
+                wait
             }
             End::ChannelError(e) => {
-                if !handle_channel_error(
-                    &queue,
-                    &conn,
-                    &shared,
-                    &conn_lost,
-                    &mut reported_ready,
-                    &mut channel_retry,
-                    e,
-                )
-                .await
-                {
+                if !conn.status().connected() {
                     break;
                 }
+                tracing::error!(
+                    queue = %queue.name,
+                    "{e}; reopening the channel in {}s",
+                    channel_retry.as_secs()
+                );
                 // A queue deleted meanwhile is declared again.
                 declared = !queue.cfg.declare;
+                let wait = channel_retry;
+                channel_retry = (channel_retry * 2).min(CHANNEL_RETRY_MAX);
+                wait
             }
+        };
+        // The service is up; this queue says in the log what it waits for.
+        if !reported_ready {
+            reported_ready = true;
+            shared.queue_ready(false);
+        }
+        if !sleep_or_stop(wait, &queue, &conn_lost).await {
+            break;
         }
     }
-}
-
-/// Logs a channel error and waits before the next try; false when the
-/// queue must stop (shutdown, or the connection is gone).
-async fn handle_channel_error(
-    queue: &QueueState,
-    conn: &Connection,
-    shared: &Shared,
-    conn_lost: &CancellationToken,
-    reported_ready: &mut bool,
-    channel_retry: &mut Duration,
-    e: String,
-) -> bool {
-    if !conn.status().connected() {
-        return false;
-    }
-    tracing::error!(
-        queue = %queue.name,
-        "{e}; reopening the channel in {}s",
-        channel_retry.as_secs()
-    );
-    // The service is up; this queue says in the log what it waits for.
-    if !*reported_ready {
-        *reported_ready = true;
-        shared.queue_ready(false);
-    }
-    if !sleep_or_stop(*channel_retry, queue, conn_lost).await {
-        return false;
-    }
-    *channel_retry = (*channel_retry * 2).min(CHANNEL_RETRY_MAX);
-    true
 }
 
 async fn sleep_or_stop(d: Duration, queue: &QueueState, conn_lost: &CancellationToken) -> bool {
@@ -309,7 +271,7 @@ async fn consume(
             biased;
             _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
-            _ = pauses.changed() => break End::Paused,
+            _ = pauses.changed() => break paused(queue),
             p = queue.slots.clone().acquire_owned() => p.expect("queue semaphore is never closed"),
         };
         // The global slot before the delivery, so that the delivery does
@@ -319,7 +281,7 @@ async fn consume(
             biased;
             _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
-            _ = pauses.changed() => break End::Paused,
+            _ = pauses.changed() => break paused(queue),
             p = global.acquire() => Some(p),
         };
         let next = loop {
@@ -336,7 +298,7 @@ async fn consume(
         };
         let next = match next {
             None => break End::Stopped,
-            Some(None) => break End::Paused,
+            Some(None) => break paused(queue),
             Some(Some(d)) => d,
         };
         let delivery = match next {
@@ -407,7 +369,7 @@ async fn consume(
         )));
     };
 
-    if matches!(end, End::Stopped | End::Paused) && channel.status().connected() {
+    if matches!(end, End::Stopped | End::Paused { .. }) && channel.status().connected() {
         stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
     }
     if channel.status().connected() {
@@ -416,6 +378,14 @@ async fn consume(
         lost.cancel();
     }
     end
+}
+
+/// A pause a job asked for, for the reason it gave.
+fn paused(queue: &QueueState) -> End {
+    End::Paused {
+        why: queue.pause.borrow().clone(),
+        requeued: true,
+    }
 }
 
 /// Cancels the consumer and hands back the deliveries it had buffered but not
