@@ -12,6 +12,10 @@
 #                                        rabbit81, rabbit82, rabbit83)
 #   deploy/test-brokers.sh down [4.0|cluster]
 #   deploy/test-brokers.sh version 4.0   the node's `rabbitmqctl version`
+#   deploy/test-brokers.sh kill|freeze|thaw|start NODE
+#                                        for failover tests: SIGKILL, SIGSTOP
+#                                        or SIGCONT a node's VM, or start it
+#                                        again (it rejoins its cluster)
 #
 # The chroot is built once (debootstrap, about 400 MB) under
 # $AMQP_EXEC_TEST_BROKERS (default /var/cache/amqp-exec-test) and reused;
@@ -214,8 +218,24 @@ ctl)
     ctl "$node" "$@"
     ;;
 version) ctl "$(nodes_of "${2:?version 4.0|cluster}" | cut -d' ' -f1)" version ;;
+kill | freeze | thaw)
+    node=${2:?$cmd NODE}
+    pid=$(cat "$ROOT/var/lib/rabbitmq/$node.pid" 2>/dev/null) || die "$node has no pid file"
+    case $cmd in
+    kill) kill -KILL "$pid" ;;
+    freeze) kill -STOP "$pid" ;;
+    thaw) kill -CONT "$pid" ;;
+    esac
+    ;;
+start)
+    node=${2:?start NODE}
+    amqp_port "$node" >/dev/null
+    ensure_mounts
+    start_node "$node"
+    wait_node "$node"
+    ;;
 *)
-    sed -n '2,19p' "$0" >&2
+    sed -n '2,23p' "$0" >&2
     exit 2
     ;;
 esac

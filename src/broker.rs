@@ -289,12 +289,29 @@ pub fn dead_queue_args(queue: &QueueConfig) -> FieldTable {
     args
 }
 
+/// How long declaring a queue's topology may take. A durable classic queue
+/// whose node is down, in a cluster, can leave a declaration unanswered.
+pub const DECLARE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Declares the queue (see [`work_queue_args`]), its retry queues and its
 /// dead-letter queue, all durable, then the exchanges and bindings of
 /// `[[queue.bind]]`, on a channel of its own (a refused declaration closes
 /// its channel). Queues that exist as an earlier version declared them are
-/// used as they are, with a warning that says what they lack.
+/// used as they are, with a warning that says what they lack. An error
+/// after [`DECLARE_LIMIT`] without an answer.
 pub async fn declare_topology(conn: &Connection, queue: &QueueConfig) -> Result<(), String> {
+    match tokio::time::timeout(DECLARE_LIMIT, declare_all(conn, queue)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the broker did not answer the declaration of \"{}\" and its retry and dead-letter \
+             queues within {}s (in a cluster: is the node of a classic queue down?)",
+            queue.name,
+            DECLARE_LIMIT.as_secs()
+        )),
+    }
+}
+
+async fn declare_all(conn: &Connection, queue: &QueueConfig) -> Result<(), String> {
     let open = || async {
         conn.create_channel()
             .await
