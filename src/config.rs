@@ -1326,6 +1326,55 @@ mod tests {
     }
 
     #[test]
+    fn password_file_sets_the_password_of_every_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cr/et:@\nignored\n").unwrap();
+        let text = format!(
+            "[broker]\nurls = [\"amqp://app@h1/%2f\", \"amqp://app:old@h2:5673/v\"]\npassword_file = \"{}\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
+            pw.display()
+        );
+        let c = parse(&text, Path::new("c.toml"), None).unwrap();
+        for (url, host) in c.broker.urls.iter().zip(["h1", "h2"]) {
+            let uri = crate::broker::parse_uri(url).unwrap();
+            assert_eq!(uri.authority.userinfo.password, "s3cr/et:@", "{url}");
+            assert_eq!(uri.authority.host, host);
+        }
+        // AMQP_URL gets it too.
+        let c = parse(&text, Path::new("c.toml"), Some("amqp://u@h3/%2f")).unwrap();
+        let uri = crate::broker::parse_uri(&c.broker.urls[0]).unwrap();
+        assert_eq!(uri.authority.userinfo.password, "s3cr/et:@");
+        // A systemd credential, and the errors.
+        // SAFETY: tests of this module do not read CREDENTIALS_DIRECTORY
+        // elsewhere.
+        unsafe { std::env::set_var("CREDENTIALS_DIRECTORY", dir.path()) };
+        let cred = text.replace(&pw.display().to_string(), "${CREDENTIALS_DIRECTORY}/pw");
+        let c = parse(&cred, Path::new("c.toml"), None).unwrap();
+        assert!(c.broker.urls[0].contains("s3cr"));
+        unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
+        let e = parse(&cred, Path::new("c.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`password_file`") && e.contains("LoadCredential"),
+            "{e}"
+        );
+        let missing = text.replace(&pw.display().to_string(), "/nonexistent/pw");
+        let e = parse(&missing, Path::new("c.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`password_file`") && e.contains("/nonexistent/pw"),
+            "{e}"
+        );
+        let userless = text.replace("amqp://app@h1/%2f", "amqp://h1/%2f");
+        let e = parse(&userless, Path::new("c.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names no user"), "{e}");
+    }
+
+    #[test]
     fn file_urls_are_checked_before_amqp_url_and_errors_name_their_source() {
         let q = "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n";
         let path = Path::new("c.toml");

@@ -342,7 +342,8 @@ fn open_up(work: &Workdir) {
 }
 
 /// A worker running as the supervisor's own user cannot read the broker
-/// password from the supervisor's `/proc/<pid>/environ` or `cmdline`.
+/// password from the supervisor's `/proc/<pid>/environ` or `cmdline`, and
+/// dumps no core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_cannot_read_the_broker_password() {
     let mut broker = Broker::connect().await;
@@ -353,7 +354,7 @@ async fn workers_cannot_read_the_broker_password() {
     open_up(&work);
     let worker = work.script(
         "peek.sh",
-        "#!/bin/sh\ncat > /dev/null\n{ id -u; cat /proc/$PPID/environ; echo; cat /proc/$PPID/cmdline; } > \"$RECORD_DIR/seen\" 2>&1\nexit 0\n",
+        "#!/bin/sh\ncat > /dev/null\n{ id -u; cat /proc/$PPID/environ; echo; cat /proc/$PPID/cmdline; echo; echo \"core $(ulimit -c)\"; } > \"$RECORD_DIR/seen\" 2>&1\nexit 0\n",
     );
     let config = work.write(
         "config.toml",
@@ -394,6 +395,8 @@ async fn workers_cannot_read_the_broker_password() {
         "the worker read the password: {seen}"
     );
     assert!(seen.contains("Permission denied"), "{seen}");
+    // Nor does it dump a core that could hold a message body.
+    assert!(seen.contains("core 0\n"), "{seen}");
     broker.cleanup().await;
 }
 

@@ -163,6 +163,43 @@ async fn a_classic_queue_that_exists_as_quorum_is_named_with_the_key_to_set() {
 /// A quorum retry queue declared the way earlier versions did (without
 /// at-least-once dead-lettering) cannot be declared again with it: it is
 /// used as it is, with a warning, and the queue keeps consuming.
+/// A work queue and a quorum dead-letter queue declared by an earlier
+/// version, without the dead-letter exchange and without the delivery
+/// limit of today's, are used as they are, with warnings that say what they
+/// lack; the queue is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_and_dead_queues_of_an_earlier_version_are_used_as_they_are() {
+    let mut broker = Broker::connect().await;
+    let q = unique("old-work");
+    let quorum = amqp_exec::broker::type_args(amqp_exec::config::QueueType::Quorum);
+    broker.declare_with(&q, quorum.clone()).await;
+    broker.declare_with(&format!("{q}.dead"), quorum).await;
+    let work = Workdir::new();
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nqueue_type = \"quorum\"\nbackoff = [\"1s\"]\n",
+        repo("workers/testing/record.sh")
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("consuming", Duration::from_secs(30)).await;
+    let log = sup.log_text();
+    assert!(
+        log.contains("exists without a dead-letter exchange"),
+        "{}",
+        tail(&log, 20)
+    );
+    assert!(
+        log.contains("exists with the broker's delivery limit"),
+        "{}",
+        tail(&log, 20)
+    );
+    broker.publish_id(&q, "m1", b"x").await;
+    work.wait_ledger(1, Duration::from_secs(20)).await;
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_retry_queue_of_an_earlier_version_is_used_as_it_is() {
     use lapin::types::{AMQPValue, FieldTable, LongString};
