@@ -515,12 +515,12 @@ fn parse_broker_table(
     }
     let mut tls_wanted = false;
     for u in &urls {
-        let uri = crate::broker::parse_uri(u).map_err(|e| format!("[broker] key `{key}`: {e}"))?;
+        let uri = crate::uri::parse_uri(u).map_err(|e| format!("[broker] key `{key}`: {e}"))?;
         tls_wanted |= uri.scheme == lapin::uri::AMQPScheme::AMQPS;
     }
     let urls = match amqp_url.filter(|u| !u.is_empty()) {
         Some(u) => {
-            let uri = crate::broker::parse_uri(u).map_err(|e| {
+            let uri = crate::uri::parse_uri(u).map_err(|e| {
                 UrlSource::Env(format!(
                     "the AMQP_URL environment variable (it replaces the config's broker URLs): {e}"
                 ))
@@ -621,19 +621,19 @@ fn with_password(url: &str, password: &str) -> Result<String, String> {
     let mut parsed = url::Url::parse(url).map_err(|e| {
         format!(
             "[broker] key `password_file`: {}: {e}",
-            crate::broker::redact(url)
+            crate::uri::redact(url)
         )
     })?;
     if parsed.username().is_empty() {
         return Err(format!(
             "[broker] key `password_file`: the URL {} names no user to give the password to",
-            crate::broker::redact(url)
+            crate::uri::redact(url)
         ));
     }
     parsed.set_password(Some(password)).map_err(|()| {
         format!(
             "[broker] key `password_file`: cannot set a password in {}",
-            crate::broker::redact(url)
+            crate::uri::redact(url)
         )
     })?;
     Ok(parsed.to_string())
@@ -1336,13 +1336,13 @@ mod tests {
         );
         let c = parse(&text, Path::new("c.toml"), None).unwrap();
         for (url, host) in c.broker.urls.iter().zip(["h1", "h2"]) {
-            let uri = crate::broker::parse_uri(url).unwrap();
+            let uri = crate::uri::parse_uri(url).unwrap();
             assert_eq!(uri.authority.userinfo.password, "s3cr/et:@", "{url}");
             assert_eq!(uri.authority.host, host);
         }
         // AMQP_URL gets it too.
         let c = parse(&text, Path::new("c.toml"), Some("amqp://u@h3/%2f")).unwrap();
-        let uri = crate::broker::parse_uri(&c.broker.urls[0]).unwrap();
+        let uri = crate::uri::parse_uri(&c.broker.urls[0]).unwrap();
         assert_eq!(uri.authority.userinfo.password, "s3cr/et:@");
         // A systemd credential, and the errors.
         // SAFETY: tests of this module do not read CREDENTIALS_DIRECTORY

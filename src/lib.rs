@@ -3,7 +3,8 @@
 //!
 //! Module map:
 //! - [`config`] — the TOML file, validated into typed structs;
-//! - [`broker`] — connecting, URL redaction, queue topology;
+//! - [`broker`] — connecting, queue topology;
+//! - [`uri`] — broker URLs, parsed and redacted;
 //! - [`supervisor`] — the connection loop, shared state, shutdown;
 //! - [`consumer`] — one queue's consumer loop;
 //! - [`job`] — one delivery from start to ack: carries out the settlement;
@@ -41,3 +42,4 @@ pub mod slots;
 pub mod supervisor;
 pub mod systemd;
 pub mod tls;
+pub mod uri;

@@ -264,7 +264,7 @@ fn cli_broker(
     named: bool,
 ) -> Result<config::BrokerConfig, Failure> {
     if let Some(u) = &flag {
-        amqp_exec::broker::parse_uri(u).map_err(|e| Failure::new(2, format!("--url: {e}")))?;
+        amqp_exec::uri::parse_uri(u).map_err(|e| Failure::new(2, format!("--url: {e}")))?;
     }
     let url = flag.or_else(amqp_url_env);
     cli::broker_for_cli(url.as_deref(), config_path, named)

@@ -528,7 +528,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
         }
         first = false;
         shared.stats.connected.store(1, Ordering::Relaxed);
-        tracing::info!("connected to {}", broker::redact(&cfg.broker.urls[index]));
+        tracing::info!(
+            "connected to {}",
+            crate::uri::redact(&cfg.broker.urls[index])
+        );
         let end = session(Arc::new(conn), &shared, &mut reload_rx).await;
         shared.stats.connected.store(0, Ordering::Relaxed);
         if end != SessionEnd::Shutdown {
