@@ -1109,7 +1109,7 @@ pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// TTL, which RabbitMQ takes up to 2^32-1 ms (about 49.7 days).
 const MAX_REPLY_TIMEOUT_MS: u128 = u32::MAX as u128;
 
-/// Parses `publish --timeout`: 1ms to [`MAX_REPLY_TIMEOUT_MS`].
+/// Parses `publish --timeout`: 1ms to `MAX_REPLY_TIMEOUT_MS`.
 pub fn parse_reply_timeout(s: &str) -> Result<Duration, String> {
     let d = config::parse_duration(s)?;
     check_reply_timeout(d)?;

@@ -10,7 +10,7 @@ use crate::config::{QueueConfig, executable_by, resolve_command};
 use crate::job::{self, Permits, Settler};
 use crate::publish::{CONFIRM_TIMEOUT, ConfirmChannel};
 use crate::runner::PIPE_DRAIN_LIMIT;
-use crate::supervisor::{QueueState, Shared};
+use crate::state::{QueueState, Shared};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -106,7 +106,7 @@ pub async fn run_queue(
                      `arguments` (or `queue_type`) differs from the queue on the broker; the \
                      consumer of the previous settings keeps running"
                 );
-                shared.keep_previous(&queue);
+                shared.registry.keep_previous(&queue);
                 return;
             }
             Err(e) => End::ChannelError(e),
@@ -170,7 +170,7 @@ pub async fn run_queue(
         // The service is up; this queue says in the log what it waits for.
         if !reported_ready {
             reported_ready = true;
-            shared.queue_ready(false);
+            shared.readiness.queue_ready(false);
         }
         if !sleep_or_stop(wait, &queue, &conn_lost).await {
             break;
@@ -246,7 +246,7 @@ async fn consume(
     );
     if !*reported_ready {
         *reported_ready = true;
-        shared.queue_ready(true);
+        shared.readiness.queue_ready(true);
     }
 
     // Jobs settle on the channel their delivery came from, and stop
@@ -306,7 +306,7 @@ async fn consume(
             Some(Err(e)) => break End::ChannelError(format!("channel error: {e}")),
             Some(Ok(d)) => d,
         };
-        let _held = shared.delivery_arrived();
+        let _held = shared.budget.delivery_arrived();
         if queue.cfg.max_rate.is_some() {
             tokio::select! {
                 biased;
@@ -322,7 +322,7 @@ async fn consume(
             // Buffered before its channel died: the broker has already requeued it.
             continue;
         }
-        if !shared.claim_job() {
+        if !shared.budget.claim_job() {
             // Every job left under `--max-jobs` is running. Hand this one
             // back, and wait: one of them may still end without an ack.
             nack_requeue(&delivery, conn_lost).await;
@@ -332,7 +332,7 @@ async fn consume(
                 biased;
                 _ = queue.stop.cancelled() => break End::Stopped,
                 _ = conn_lost.cancelled() => break End::Stopped,
-                _ = shared.claim_freed() => continue,
+                _ = shared.budget.claim_freed() => continue,
             }
         }
         // A slot given up while idle: the delivery waits for one, in turn.
@@ -343,11 +343,11 @@ async fn consume(
                 biased;
                 _ = queue.stop.cancelled() => {
                     nack_requeue(&delivery, conn_lost).await;
-                    shared.unclaim_job();
+                    shared.budget.unclaim_job();
                     break End::Stopped;
                 }
                 _ = conn_lost.cancelled() => {
-                    shared.unclaim_job();
+                    shared.budget.unclaim_job();
                     break End::Stopped;
                 }
                 p = global.acquire() => p,
@@ -359,8 +359,8 @@ async fn consume(
         };
         // Counted before the job is spawned, so that a shutdown's settle
         // limit never sees it without its worker.
-        shared.worker_started();
-        shared.tracker.spawn(jobs.track_future(job::handle(
+        shared.drain.worker_started();
+        shared.drain.tracker.spawn(jobs.track_future(job::handle(
             delivery,
             settler.clone(),
             queue.clone(),
@@ -373,7 +373,7 @@ async fn consume(
         stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
     }
     if channel.status().connected() {
-        shared.close_channel_after(channel, jobs);
+        shared.drain.close_channel_after(channel, jobs);
     } else {
         lost.cancel();
     }

@@ -11,7 +11,7 @@
 //! back, and the queue pauses: the next delivery of the message is settled
 //! with that outcome, without running the worker again.
 //!
-//! A [`JobGuard`] does the end-of-job bookkeeping on every path, a panic
+//! A `JobGuard` does the end-of-job bookkeeping on every path, a panic
 //! included; a job that panics before settling puts its delivery back.
 
 use crate::broker;
@@ -26,7 +26,7 @@ use crate::runner::{self, Job, LogContext};
 use crate::settlement::{
     self, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
 };
-use crate::supervisor::{QueueState, Shared};
+use crate::state::{QueueState, Shared};
 use lapin::options::BasicNackOptions;
 use lapin::types::ShortString;
 use lapin::{Connection, message::Delivery};
@@ -92,7 +92,7 @@ pub async fn handle(
     };
     let recorded = shared.memory.recorded(&guard.key);
     let known = Known {
-        stopping: shared.interrupt.is_cancelled(),
+        stopping: shared.drain.interrupt.is_cancelled(),
         connection_losses: shared.memory.losses(&guard.key),
         recorded: recorded.as_ref(),
     };
@@ -115,7 +115,7 @@ pub async fn handle(
              (set by its publisher, or signed with another key_file): they are ignored"
         );
     }
-    let own_queues = shared.own_queues();
+    let own_queues = shared.registry.own_queues();
     let reply_to = d.reply_to();
     let reply_allowed =
         reply_to.is_some_and(|to| settlement::reply_allowed(to, cfg, &own_queues).is_ok());
@@ -140,7 +140,7 @@ pub async fn handle(
                 log: &log,
             };
             let lost = (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&settler.lost);
-            let result = runner::run(job, &shared.interrupt, lost).await;
+            let result = runner::run(job, &shared.drain.interrupt, lost).await;
             let ran = result.pid.map(|_| result.elapsed);
             let ended = Ended {
                 outcome: result.outcome,
@@ -487,7 +487,7 @@ impl<'a> JobGuard<'a> {
         if std::mem::take(&mut self.worker_running) {
             metrics::dec(&self.queue.stats.running);
             // Counted by the consumer before this job was spawned.
-            self.shared.worker_ended();
+            self.shared.drain.worker_ended();
         }
     }
 
@@ -520,7 +520,7 @@ impl Drop for JobGuard<'_> {
                     .await;
             });
         }
-        self.shared.job_finished(self.acked.unwrap_or(false));
+        self.shared.budget.job_finished(self.acked.unwrap_or(false));
     }
 }
 

@@ -1,27 +1,36 @@
 //! amqp-exec: a RabbitMQ consumer supervisor that holds only the AMQP
 //! connection and runs one short-lived unit-worker process per message.
 //!
-//! Module map:
-//! - [`config`] — the TOML file, validated into typed structs;
-//! - [`broker`] — connecting, queue topology;
-//! - [`uri`] — broker URLs, parsed and redacted;
-//! - [`supervisor`] — the connection loop, shared state, shutdown;
-//! - [`consumer`] — one queue's consumer loop;
-//! - [`job`] — one delivery from start to ack: carries out the settlement;
-//! - [`settlement`] — delivery + job result → settlement plan (pure);
-//! - [`memory`] — outcomes and connection losses remembered per message;
-//! - [`signing`] — HMAC signatures of the control headers amqp-exec reads;
-//! - [`slots`] — the global and per-queue worker slots;
-//! - [`runner`] — spawning a worker and collecting its output;
-//! - [`policy`] — exit code + attempt → decision (pure);
-//! - [`headers`] — AMQP headers to JSON;
-//! - [`publish`] — confirmed publishing;
+//! # Module map
+//!
+//! A stack: each module imports only modules below it (and `main.rs`
+//! stands on top of them all).
+//!
 //! - [`cli`] — the `publish`, `check` and `dead` commands;
-//! - [`systemd`] — sd_notify;
-//! - [`metrics`] — counters;
-//! - [`tls`] — `amqps://` connections and `[broker.tls]`;
-//! - [`random`] — random numbers for jitter and ids;
-//! - [`reaper`] — reaping orphans when running as PID 1.
+//! - [`supervisor`] — the connection loop, signals, reloads, shutdown;
+//!   - [`consumer`] — one queue's consumer loop on one connection;
+//!     - [`job`] — one delivery from start to ack: carries out the
+//!       settlement plan;
+//!       - [`runner`] — spawning a worker and collecting its output;
+//!       - [`settlement`] — delivery + job result → settlement plan (pure);
+//!       - [`memory`] — outcomes and connection losses remembered per
+//!         message;
+//!       - [`publish`] — confirmed publishing, and acks;
+//!       - [`state`] — the state consumers and jobs share, in parts:
+//!         drain, job budget, readiness, queue registry;
+//! - below those, used by several:
+//!   - [`broker`] — connecting, queue topology;
+//!   - [`config`] — the TOML file, validated into typed structs;
+//!   - [`policy`] — exit code + attempt → decision (pure);
+//!   - [`signing`] — HMAC signatures of the control headers amqp-exec reads;
+//!   - [`slots`] — the global and per-queue worker slots;
+//!   - [`headers`] — AMQP headers: JSON, sizes, filters;
+//!   - [`metrics`] — counters and the Prometheus endpoint;
+//!   - [`systemd`] — sd_notify;
+//!   - [`reaper`] — reaping orphans when running as PID 1;
+//!   - [`tls`] — `amqps://` connections and `[broker.tls]`;
+//!   - [`uri`] — broker URLs, parsed and redacted;
+//!   - [`random`] — random numbers for jitter and ids.
 
 pub mod broker;
 pub mod cli;
@@ -39,6 +48,7 @@ pub mod runner;
 pub mod settlement;
 pub mod signing;
 pub mod slots;
+pub mod state;
 pub mod supervisor;
 pub mod systemd;
 pub mod tls;

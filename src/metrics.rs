@@ -3,7 +3,6 @@
 //! Prometheus text format on `/metrics` (with `/healthz` beside it) when
 //! `[metrics] listen` is set. They also feed the systemd STATUS line.
 
-use crate::supervisor::Shared;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -88,6 +87,17 @@ impl QueueStats {
     }
 }
 
+/// One configured queue, as the metrics page and systemd's status line see
+/// it.
+pub struct QueueView {
+    pub name: std::sync::Arc<str>,
+    pub concurrency: usize,
+    pub stats: std::sync::Arc<QueueStats>,
+}
+
+/// The queues configured now, read on every request.
+pub type Queues = std::sync::Arc<dyn Fn() -> Vec<QueueView> + Send + Sync>;
+
 /// Supervisor-wide counters.
 #[derive(Debug, Default)]
 pub struct GlobalStats {
@@ -115,8 +125,7 @@ fn label(v: &str) -> String {
 }
 
 /// The `/metrics` page.
-pub fn render(shared: &Shared) -> String {
-    let queues = shared.queues();
+pub fn render(queues: &[QueueView], global: &GlobalStats) -> String {
     let mut out = String::with_capacity(4096);
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -136,7 +145,7 @@ pub fn render(shared: &Shared) -> String {
             .collect()
     };
     let mut jobs = Vec::new();
-    for q in &queues {
+    for q in queues {
         for (outcome, c) in [
             ("ok", &q.stats.ok),
             ("retried", &q.stats.retried),
@@ -158,7 +167,7 @@ pub fn render(shared: &Shared) -> String {
         jobs,
     );
     let mut exits = Vec::new();
-    for q in &queues {
+    for q in queues {
         for (code, n) in q.stats.exits() {
             exits.push((
                 format!("{{queue=\"{}\",exit=\"{}\"}}", label(&q.name), label(&code)),
@@ -209,7 +218,7 @@ pub fn render(shared: &Shared) -> String {
         per_queue(&|s| get(&s.dead)),
     );
     let mut hist = Vec::new();
-    for q in &queues {
+    for q in queues {
         let (buckets, count, sum) = q.stats.durations();
         let name = label(&q.name);
         for (bound, n) in DURATION_BUCKETS.iter().zip(buckets) {
@@ -235,13 +244,13 @@ pub fn render(shared: &Shared) -> String {
         "amqp_exec_reconnects_total",
         "counter",
         "Broker reconnections after a lost connection.",
-        vec![(String::new(), get(&shared.stats.reconnects).to_string())],
+        vec![(String::new(), get(&global.reconnects).to_string())],
     );
     family(
         "amqp_exec_connected",
         "gauge",
         "1 while connected to the broker.",
-        vec![(String::new(), get(&shared.stats.connected).to_string())],
+        vec![(String::new(), get(&global.connected).to_string())],
     );
     out
 }
@@ -253,7 +262,11 @@ const CONNECTIONS_MAX: usize = 64;
 const REQUEST_LIMIT: Duration = Duration::from_secs(5);
 
 /// Binds `addr` and serves `/metrics` and `/healthz` until the process ends.
-pub async fn serve(addr: std::net::SocketAddr, shared: Arc<Shared>) -> Result<(), String> {
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    queues: Queues,
+    global: Arc<GlobalStats>,
+) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("[metrics] cannot listen on {addr}: {e}"))?;
@@ -275,10 +288,11 @@ pub async fn serve(addr: std::net::SocketAddr, shared: Arc<Shared>) -> Result<()
                     continue;
                 }
             };
-            let shared = shared.clone();
+            let (queues, global) = (queues.clone(), global.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let _ = tokio::time::timeout(REQUEST_LIMIT, answer(&mut stream, &shared)).await;
+                let answering = answer(&mut stream, &queues, &global);
+                let _ = tokio::time::timeout(REQUEST_LIMIT, answering).await;
             });
         }
     });
@@ -293,7 +307,7 @@ fn headers_end(request: &[u8]) -> bool {
 }
 
 /// Reads one request and writes its answer.
-async fn answer(stream: &mut tokio::net::TcpStream, shared: &Shared) {
+async fn answer(stream: &mut tokio::net::TcpStream, queues: &Queues, global: &GlobalStats) {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     while len < buf.len() {
@@ -308,10 +322,12 @@ async fn answer(stream: &mut tokio::net::TcpStream, shared: &Shared) {
     let request = String::from_utf8_lossy(&buf[..len]);
     let path = request.split_whitespace().nth(1).unwrap_or("");
     let (status, kind, body) = match path.split('?').next().unwrap_or("") {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(shared)),
-        "/healthz" if get(&shared.stats.connected) == 1 => {
-            ("200 OK", "text/plain", "ok\n".to_owned())
-        }
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render(&queues(), global),
+        ),
+        "/healthz" if get(&global.connected) == 1 => ("200 OK", "text/plain", "ok\n".to_owned()),
         "/healthz" => (
             "503 Service Unavailable",
             "text/plain",

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 /// sysexits.h `EX_DATAERR`: the message itself is bad; dead-letter at once.
 pub const EX_DATAERR: i32 = 65;
-/// sysexits.h `EX_TEMPFAIL`: try again later.
-pub const EX_TEMPFAIL: i32 = 75;
 
 /// How a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 //! `x-death` entry, and a delivery larger than `frame_max` is refused by the
 //! client, which closes the connection just the same. A dead letter's stderr tail is cut to the room left;
 //! headers copied from the publisher are dropped, largest first, only until
-//! ours (and the last [`STDERR_KEPT`] bytes of stderr) fit, and the names
+//! ours (and the last `STDERR_KEPT` bytes of stderr) fit, and the names
 //! dropped are recorded in [`DROPPED_HEADER`]. `job.rs` carries plans out.
 
 use crate::config::{QueueConfig, QueueType, Replies};

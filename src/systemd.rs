@@ -4,7 +4,7 @@
 //! is a no-op.
 
 use crate::metrics::get;
-use crate::supervisor::{QueueState, Shared};
+use crate::metrics::{GlobalStats, QueueView, Queues};
 use sd_notify::NotifyState;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -53,7 +53,7 @@ pub fn notify_stopping() {
 const STATUS_QUEUES_MAX: usize = 1024;
 
 /// The `STATUS=` text of the running queues.
-pub fn status_line(queues: &[Arc<QueueState>]) -> String {
+pub fn status_line(queues: &[QueueView]) -> String {
     let (mut ok, mut retried, mut dead) = (0, 0, 0);
     for q in queues {
         ok += get(&q.stats.ok);
@@ -62,7 +62,7 @@ pub fn status_line(queues: &[Arc<QueueState>]) -> String {
     }
     let busy = queues
         .iter()
-        .map(|q| (&*q.name, get(&q.stats.running), q.cfg.concurrency));
+        .map(|q| (&*q.name, get(&q.stats.running), q.concurrency));
     status_text(busy, [ok, retried, dead])
 }
 
@@ -92,7 +92,12 @@ fn status_text<'a>(
 
 /// Sends STATUS every 2 s and WATCHDOG at half the watchdog interval while
 /// the supervisor is connected, or disconnected for less than five minutes.
-pub fn spawn_status(shared: Arc<Shared>) {
+/// `finished` says when the supervisor has stopped and drained.
+pub fn spawn_status(
+    queues: Queues,
+    global: Arc<GlobalStats>,
+    finished: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -104,17 +109,17 @@ pub fn spawn_status(shared: Arc<Shared>) {
         let mut disconnected_since: Option<Instant> = None;
         loop {
             tokio::time::sleep(tick).await;
-            if shared.stop.is_cancelled() && shared.tracker.is_empty() {
+            if finished() {
                 return;
             }
-            let connected = shared.stats.connected.load(Ordering::Relaxed) == 1;
+            let connected = global.connected.load(Ordering::Relaxed) == 1;
             if connected {
                 disconnected_since = None;
             } else if disconnected_since.is_none() {
                 disconnected_since = Some(Instant::now());
             }
             let healthy = disconnected_since.is_none_or(|t| t.elapsed() < UNHEALTHY_AFTER);
-            let status = status_line(&shared.queues());
+            let status = status_line(&queues());
             // Apart: a status line systemd refused must not cost the ping.
             notify(&[NotifyState::Status(&status)]);
             if watchdog.is_some() && healthy {

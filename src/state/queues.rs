@@ -1,0 +1,200 @@
+//! The queues now configured: each one's settings and live state (worker
+//! slots, counters, pause signal, stop token), and the registry that reloads
+//! replace entries of.
+
+use crate::config::QueueConfig;
+use crate::metrics::QueueStats;
+use crate::slots::QueueSlots;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Variables a worker never inherits from the supervisor.
+const WITHHELD_ENV: &[&str] = &[
+    "AMQP_URL",
+    "AMQP_EXEC_CONFIG",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// One configured queue and its live state, kept across reconnects.
+pub struct QueueState {
+    pub cfg: QueueConfig,
+    pub name: Arc<str>,
+    /// One permit per worker the queue may run.
+    pub slots: Arc<Semaphore>,
+    /// The environment every worker of the queue starts with.
+    pub base_env: Vec<(OsString, OsString)>,
+    pub stats: Arc<QueueStats>,
+    /// Set (and so signalled) by a job when the queue must pause: its
+    /// worker could not be started, or its outcome could not be recorded
+    /// with the broker. Why.
+    pub pause: watch::Sender<String>,
+    /// Ends this queue's consumer (shutdown, or the queue was removed or
+    /// changed by a reload). Running jobs are not affected.
+    pub stop: CancellationToken,
+    /// The state this one replaces after a reload changed the queue: its
+    /// consumer runs until this one's settings are accepted by the broker.
+    previous: Mutex<Option<Arc<QueueState>>>,
+    /// `max_rate`: when the next job may start.
+    next_start: tokio::sync::Mutex<tokio::time::Instant>,
+    /// The log said once that `replies = "off"` ignores `reply_to`.
+    pub replies_off_noted: AtomicBool,
+}
+
+impl QueueState {
+    /// The state of `cfg`, or its new state after a reload changed its
+    /// config (`old`): it keeps the counters, and the queue's worker slots
+    /// (see [`QueueSlots`]), whose number follows the new concurrency. Its
+    /// consumer stops with `stop`.
+    pub fn new(
+        cfg: QueueConfig,
+        registry: &Registry,
+        stop: &CancellationToken,
+        old: Option<&Arc<QueueState>>,
+    ) -> Self {
+        QueueState {
+            name: Arc::from(cfg.name.as_str()),
+            slots: registry.slots.for_queue(&cfg.name, cfg.concurrency),
+            base_env: worker_env(&cfg),
+            stats: old.map_or_else(Default::default, |o| o.stats.clone()),
+            pause: watch::Sender::new(String::new()),
+            stop: stop.child_token(),
+            previous: Mutex::new(old.cloned()),
+            replies_off_noted: AtomicBool::new(false),
+            next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            cfg,
+        }
+    }
+
+    /// The state this one replaces, until its settings are accepted.
+    pub fn takes_over(&self) -> Option<Arc<QueueState>> {
+        self.previous.lock().expect("not poisoned").clone()
+    }
+
+    /// Waits for this queue's turn under `max_rate` (shared by its workers).
+    pub async fn rate_turn(&self) {
+        let Some(rate) = self.cfg.max_rate else {
+            return;
+        };
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut next = self.next_start.lock().await;
+        let now = tokio::time::Instant::now();
+        if *next > now {
+            tokio::time::sleep_until(*next).await;
+        }
+        *next = (*next).max(now) + interval;
+    }
+
+    /// The prefetch actually used: `prefetch`, but under `max_rate` no more
+    /// than about one second of deliveries, so that none waits long unacked.
+    pub fn effective_prefetch(&self) -> u16 {
+        match self.cfg.max_rate {
+            Some(rate) => self
+                .cfg
+                .prefetch
+                .min(rate.ceil().clamp(1.0, 65535.0) as u16),
+            None => self.cfg.prefetch,
+        }
+    }
+}
+
+/// The queues now configured, with what outlives a reload.
+pub struct Registry {
+    queues: RwLock<Vec<Arc<QueueState>>>,
+    /// Every queue the configured queues consume, retry to and dead-letter
+    /// to; see [`Registry::own_queues`].
+    own_queues: RwLock<Arc<HashSet<String>>>,
+    /// The queues' `concurrency` slots, by name, across reloads.
+    slots: QueueSlots,
+}
+
+impl Registry {
+    pub fn new(own_queues: HashSet<String>) -> Registry {
+        Registry {
+            queues: RwLock::new(Vec::new()),
+            own_queues: RwLock::new(Arc::new(own_queues)),
+            slots: QueueSlots::default(),
+        }
+    }
+
+    /// A snapshot of the configured queues.
+    pub fn queues(&self) -> Vec<Arc<QueueState>> {
+        self.queues.read().expect("not poisoned").clone()
+    }
+
+    /// Configures `queues` instead of those now configured.
+    pub fn replace(&self, queues: Vec<Arc<QueueState>>) {
+        *self.queues.write().expect("not poisoned") = queues;
+    }
+
+    /// Every queue the configured queues consume, retry to and dead-letter
+    /// to: no reply goes there.
+    pub fn own_queues(&self) -> Arc<HashSet<String>> {
+        self.own_queues.read().expect("not poisoned").clone()
+    }
+
+    /// Adds the queues of a reloaded config; those a reload removes stay,
+    /// as their messages may still come back.
+    pub fn add_own_queues(&self, more: HashSet<String>) {
+        let mut own = (*self.own_queues()).clone();
+        own.extend(more);
+        *self.own_queues.write().expect("not poisoned") = Arc::new(own);
+    }
+
+    /// A reload's new settings for `queue` were refused by the broker: the
+    /// state they replace is configured again, its consumer still running.
+    pub fn keep_previous(&self, queue: &QueueState) {
+        let Some(previous) = queue.previous.lock().expect("not poisoned").take() else {
+            return;
+        };
+        let mut queues = self.queues.write().expect("not poisoned");
+        for q in queues.iter_mut() {
+            if std::ptr::eq(Arc::as_ptr(q), queue) {
+                *q = previous.clone();
+            }
+        }
+    }
+}
+
+/// The environment a queue's workers start from: the supervisor's own minus
+/// what they must not see (broker URL, systemd sockets), or only `PATH` with
+/// `clear_env`; then the queue's `env`.
+fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = if cfg.clear_env {
+        vec![(
+            "PATH".into(),
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )]
+    } else {
+        std::env::vars_os()
+            .filter(|(k, _)| {
+                let k = k.to_string_lossy();
+                !WITHHELD_ENV.contains(&k.as_ref())
+                    && !k.starts_with("AMQP_EXEC_")
+                    && !crate::broker::is_own_stack_setting(&k)
+            })
+            .collect()
+    };
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(existing, _)| existing != k);
+        env.push((k.into(), v));
+    };
+    if let Some(user) = &cfg.sandbox.user {
+        set("USER", user.name.as_str().into());
+        set("LOGNAME", user.name.as_str().into());
+        set("HOME", user.home.as_os_str().into());
+    }
+    for (k, v) in &cfg.env {
+        set(k, v.into());
+    }
+    env
+}
