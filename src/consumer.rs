@@ -8,7 +8,7 @@
 use crate::broker;
 use crate::config::{QueueConfig, executable_by, resolve_command};
 use crate::job::{self, Permits, Settler};
-use crate::publish::{CONFIRM_TIMEOUT, ConfirmChannel};
+use crate::publish::{CONFIRM_TIMEOUT, SettleChannel};
 use crate::runner::PIPE_DRAIN_LIMIT;
 use crate::state::{QueueState, Shared};
 use futures_lite::StreamExt;
@@ -257,7 +257,7 @@ async fn consume(
         move || channel.status().connected()
     });
     let settler = Settler {
-        channel: ConfirmChannel::new(channel.clone(), conn),
+        channel: SettleChannel::new(channel.clone(), conn),
         conn: conn.clone(),
         lost: lost.clone(),
     };

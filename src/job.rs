@@ -21,7 +21,7 @@ use crate::headers;
 use crate::memory::{Memory, MessageKey};
 use crate::metrics;
 use crate::policy::{Decision, Outcome};
-use crate::publish::{self, ConfirmChannel, PublishError};
+use crate::publish::{self, PublishError, SettleChannel};
 use crate::runner::{self, Job, LogContext};
 use crate::settlement::{
     self, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
@@ -53,7 +53,7 @@ pub struct Permits {
 /// The channel a delivery came from, and what a job needs to settle on it.
 #[derive(Clone)]
 pub struct Settler {
-    pub channel: ConfirmChannel,
+    pub channel: SettleChannel,
     /// For declaring the topology again when a republish finds it missing.
     pub conn: Arc<Connection>,
     /// Cancelled when the channel or its connection is lost: settling then
@@ -144,7 +144,7 @@ pub async fn handle(
             let ran = result.pid.map(|_| result.elapsed);
             let ended = Ended {
                 outcome: result.outcome,
-                stderr_tail: result.stderr_tail,
+                stderr_or_reason: result.stderr_or_reason,
                 stdout: result.stdout,
                 stdout_truncated: result.stdout_truncated,
             };
@@ -214,7 +214,7 @@ pub async fn handle(
     }
     guard.finish(acked);
     if ended.outcome == Outcome::SpawnFailed {
-        let why = String::from_utf8_lossy(&ended.stderr_tail).into_owned();
+        let why = String::from_utf8_lossy(&ended.stderr_or_reason).into_owned();
         queue.pause.send_modify(|last| *last = why);
     }
 }
@@ -233,7 +233,7 @@ fn count(queue: &QueueState, decision: Decision) {
 
 /// Says why a worker was not started.
 fn log_skip(log: &LogContext, ended: &Ended, recorded: bool) {
-    let why = String::from_utf8_lossy(&ended.stderr_tail);
+    let why = String::from_utf8_lossy(&ended.stderr_or_reason);
     match ended.outcome {
         Outcome::Interrupted => {}
         _ if recorded => tracing::info!(
@@ -273,7 +273,7 @@ fn log_plan(
             tracing::debug!(
                 queue = %log.queue, message_id = %log.message_id,
                 "{}; requeueing the message without counting an attempt",
-                String::from_utf8_lossy(&ended.stderr_tail)
+                String::from_utf8_lossy(&ended.stderr_or_reason)
             );
         }
         Decision::Requeue => {
@@ -290,7 +290,7 @@ fn log_plan(
             );
         }
         Decision::DeadLetter => {
-            let tail = String::from_utf8_lossy(&ended.stderr_tail);
+            let tail = String::from_utf8_lossy(&ended.stderr_or_reason);
             tracing::error!(
                 queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
                 "job failed for good; dead-lettering to {}{}", queue.cfg.dead_queue(),
@@ -350,7 +350,7 @@ async fn execute(
         let body: &[u8] = match reply.body {
             ReplyBody::Stdout => &ended.stdout,
             ReplyBody::StderrTail(max) => {
-                &ended.stderr_tail[ended.stderr_tail.len().saturating_sub(max)..]
+                &ended.stderr_or_reason[ended.stderr_or_reason.len().saturating_sub(max)..]
             }
         };
         if ended.stdout_truncated && reply.body == ReplyBody::Stdout {
@@ -417,7 +417,7 @@ async fn republish(
     }
 }
 
-async fn ack(delivery: &Delivery, channel: &ConfirmChannel, log: &LogContext) -> Settled {
+async fn ack(delivery: &Delivery, channel: &SettleChannel, log: &LogContext) -> Settled {
     match channel.ack(delivery).await {
         Ok(true) => Settled::Acked,
         Ok(false) => {

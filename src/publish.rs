@@ -51,27 +51,29 @@ impl From<lapin::Error> for PublishError {
     }
 }
 
-/// A channel in confirm mode that concurrent jobs publish on. lapin numbers
+/// The channel a delivery came on, in confirm mode: its jobs settle on it,
+/// publishing their retries, dead letters and replies and acking their
+/// deliveries (a delivery can only be acked on its own channel). lapin numbers
 /// a publish for its confirm and queues its frames under two separate locks,
 /// so two publishes racing on one channel from two threads can reach the
 /// broker in the other order, and each would get the other's confirm: an ack
 /// for a dead letter the broker returned. Publishes on it are therefore sent
 /// one at a time; their confirms are still awaited together.
 #[derive(Clone)]
-pub struct ConfirmChannel {
+pub struct SettleChannel {
     channel: Channel,
     sending: Arc<tokio::sync::Mutex<()>>,
     frame_max: usize,
 }
 
-impl ConfirmChannel {
+impl SettleChannel {
     /// `channel` must be in confirm mode; `conn` is its connection.
     pub fn new(channel: Channel, conn: &lapin::Connection) -> Self {
         let frame_max = match conn.configuration().frame_max() {
             0 => usize::MAX,
             n => n as usize,
         };
-        ConfirmChannel {
+        SettleChannel {
             channel,
             sending: Arc::new(tokio::sync::Mutex::new(())),
             frame_max,
@@ -164,7 +166,7 @@ async fn send_with(
 /// reply-to pseudo-queue must not be `mandatory`: the broker returns them as
 /// unroutable even when it delivers them.
 pub async fn publish_reply(
-    channel: &ConfirmChannel,
+    channel: &SettleChannel,
     reply_to: &str,
     body: &[u8],
     properties: BasicProperties,
@@ -193,7 +195,7 @@ pub fn check(confirmation: Confirmation) -> Result<(), PublishError> {
 
 /// Publishes and waits until the broker has confirmed it.
 pub async fn publish_confirmed(
-    channel: &ConfirmChannel,
+    channel: &SettleChannel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],

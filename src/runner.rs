@@ -67,7 +67,7 @@ pub struct JobResult {
     pub outcome: Outcome,
     pub pid: Option<u32>,
     /// The last [`STDERR_TAIL_BYTES`] of stderr, or the spawn error text.
-    pub stderr_tail: Vec<u8>,
+    pub stderr_or_reason: Vec<u8>,
     /// Up to `capture_stdout` bytes of stdout.
     pub stdout: Vec<u8>,
     pub stdout_truncated: bool,
@@ -87,7 +87,7 @@ pub async fn run(
     let spawn_failed = |text: String| JobResult {
         outcome: Outcome::SpawnFailed,
         pid: None,
-        stderr_tail: text.into_bytes(),
+        stderr_or_reason: text.into_bytes(),
         stdout: Vec::new(),
         stdout_truncated: false,
         elapsed: started.elapsed(),
@@ -242,7 +242,7 @@ pub async fn run(
     JobResult {
         outcome,
         pid,
-        stderr_tail: err.into_bytes(),
+        stderr_or_reason: err.into_bytes(),
         stdout_truncated: out.truncated,
         stdout: out.into_bytes(),
         elapsed: started.elapsed(),
@@ -696,7 +696,7 @@ mod tests {
         let cmd = argv(&["/bin/sh", "-c", "echo oops >&2; exit 3"]);
         let r = run(job(&cmd, b"", &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Exit(3));
-        assert_eq!(r.stderr_tail, b"oops\n");
+        assert_eq!(r.stderr_or_reason, b"oops\n");
     }
 
     #[tokio::test]
@@ -736,7 +736,7 @@ mod tests {
         let cmd = argv(&["/nonexistent/worker"]);
         let r = run(job(&cmd, b"x", &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::SpawnFailed);
-        assert!(String::from_utf8_lossy(&r.stderr_tail).contains("/nonexistent/worker"));
+        assert!(String::from_utf8_lossy(&r.stderr_or_reason).contains("/nonexistent/worker"));
     }
 
     #[tokio::test]

@@ -98,7 +98,7 @@ impl Delivered<'_> {
 pub struct Ended {
     pub outcome: Outcome,
     /// The end of the worker's stderr, or why no worker ran.
-    pub stderr_tail: Vec<u8>,
+    pub stderr_or_reason: Vec<u8>,
     /// The worker's stdout, kept when a reply is due.
     pub stdout: Vec<u8>,
     pub stdout_truncated: bool,
@@ -109,7 +109,7 @@ impl Ended {
     pub fn not_run(outcome: Outcome, reason: String) -> Ended {
         Ended {
             outcome,
-            stderr_tail: reason.into_bytes(),
+            stderr_or_reason: reason.into_bytes(),
             stdout: Vec::new(),
             stdout_truncated: false,
         }
@@ -418,7 +418,7 @@ pub fn plan(
                 (QUEUE_HEADER, long_string(&cfg.name)),
                 (SIGNATURE_HEADER, long_string(&sign(None))),
             ];
-            let tail = String::from_utf8_lossy(&ended.stderr_tail);
+            let tail = String::from_utf8_lossy(&ended.stderr_or_reason);
             Plan {
                 decision,
                 republish: Some(republish(
@@ -655,7 +655,7 @@ fn make_reply(
         props = props.with_correlation_id(c.clone());
     }
     if failure && cfg.reply_stderr_bytes > 0 {
-        let tail = String::from_utf8_lossy(&ended.stderr_tail);
+        let tail = String::from_utf8_lossy(&ended.stderr_or_reason);
         let used = headers::header_frame_size(&props.clone().with_headers(h.clone()))
             + entry_size(STDERR_HEADER, 0);
         let room = frame_max.saturating_sub(used).min(cfg.reply_stderr_bytes);
@@ -702,7 +702,7 @@ mod tests {
     fn ended(outcome: Outcome) -> Ended {
         Ended {
             outcome,
-            stderr_tail: b"oops\n".to_vec(),
+            stderr_or_reason: b"oops\n".to_vec(),
             stdout: b"out".to_vec(),
             stdout_truncated: false,
         }
@@ -1148,7 +1148,7 @@ mod tests {
             }
             let e = Ended {
                 outcome,
-                stderr_tail: vec![b'e'; stderr_len],
+                stderr_or_reason: vec![b'e'; stderr_len],
                 stdout: Vec::new(),
                 stdout_truncated: true,
             };

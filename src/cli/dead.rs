@@ -169,7 +169,7 @@ async fn dead_replay_on(
     lost.race(channel.confirm_select(ConfirmSelectOptions::default()))
         .await?
         .map_err(|e| Failure::new(1, format!("cannot enable publisher confirms: {e}")))?;
-    let publisher = publish::ConfirmChannel::new(channel.clone(), &session.conn);
+    let publisher = publish::SettleChannel::new(channel.clone(), &session.conn);
     let available = dead_count(session, dead).await?;
     // Bounded by what is there now, so that messages failing again are not replayed in a loop.
     let n = limit.map_or(available, |l| l.min(available));

@@ -89,9 +89,9 @@ impl JobBudget {
 
     /// A delivery arrived; it counts as held (keeping `--exit-when-idle`
     /// from stopping) until the returned guard is dropped.
-    pub fn delivery_arrived(&self) -> HeldDelivery<'_> {
+    pub fn delivery_arrived(&self) -> DeliveryInHand<'_> {
         self.held.fetch_add(1, Ordering::SeqCst);
-        HeldDelivery(self)
+        DeliveryInHand(self)
     }
 
     /// Deliveries held now.
@@ -105,10 +105,12 @@ impl JobBudget {
     }
 }
 
-/// A delivery the consumer holds; see [`JobBudget::delivery_arrived`].
-pub struct HeldDelivery<'a>(&'a JobBudget);
+/// A delivery the consumer holds, from its arrival until it is started or
+/// handed back; see [`JobBudget::delivery_arrived`]. While one is held the
+/// supervisor is not idle; when it is dropped, the idle clock starts over.
+pub struct DeliveryInHand<'a>(&'a JobBudget);
 
-impl Drop for HeldDelivery<'_> {
+impl Drop for DeliveryInHand<'_> {
     fn drop(&mut self) {
         // The idle time counts from when the delivery was started or returned.
         *self.0.last_delivery.lock().expect("not poisoned") = Instant::now();

@@ -16,7 +16,7 @@ pub mod drain;
 pub mod queues;
 pub mod readiness;
 
-pub use budget::{HeldDelivery, JobBudget};
+pub use budget::{DeliveryInHand, JobBudget};
 pub use drain::Drain;
 pub use queues::{QueueState, Registry};
 pub use readiness::Readiness;
