@@ -84,16 +84,16 @@ pub async fn handle(
     let cfg = &queue.cfg;
     let props = &delivery.properties;
     let key = MessageKey::of(&queue.name, props, &delivery.data);
+    let (recorded, connection_losses) = shared.memory.begin(&key);
     let mut guard = JobGuard::new(&delivery, &queue, &shared, key);
     let d = Delivered {
         properties: props,
         redelivered: delivery.redelivered,
         body: &delivery.data,
     };
-    let recorded = shared.memory.recorded(&guard.key);
     let known = Known {
         stopping: shared.drain.interrupt.is_cancelled(),
-        connection_losses: shared.memory.losses(&guard.key),
+        connection_losses,
         recorded: recorded.as_ref(),
     };
     let mut admission = settlement::admit(d, cfg, known, &shared.signing_key);
@@ -208,7 +208,6 @@ pub async fn handle(
     let acked = settled == Settled::Acked;
     if acked {
         count(&queue, plan.decision);
-        shared.memory.settled(&guard.key);
     } else if plan.decision != Decision::Requeue && settled == Settled::Lost {
         metrics::inc(&queue.stats.unsettled);
     }
@@ -469,8 +468,8 @@ impl<'a> JobGuard<'a> {
         shared: &'a Shared,
         key: MessageKey,
     ) -> Self {
+        // The memory counts the job as begun (see `Memory::begin`).
         metrics::inc(&queue.stats.running);
-        shared.memory.started(&key);
         JobGuard {
             acker: delivery.acker.clone(),
             queue,
@@ -504,7 +503,8 @@ impl<'a> JobGuard<'a> {
 impl Drop for JobGuard<'_> {
     fn drop(&mut self) {
         self.worker_done();
-        self.shared.memory.finished(&self.key);
+        let acked = self.acked.unwrap_or(false);
+        self.shared.memory.ended(&self.key, acked);
         if self.unsettled {
             tracing::error!(
                 queue = %self.queue.name,
@@ -520,7 +520,7 @@ impl Drop for JobGuard<'_> {
                     .await;
             });
         }
-        self.shared.budget.job_finished(self.acked.unwrap_or(false));
+        self.shared.budget.job_finished(acked);
     }
 }
 

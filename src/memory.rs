@@ -100,36 +100,40 @@ impl Memory {
         }
     }
 
-    /// The message was settled: forget its recorded outcome and losses.
-    pub fn settled(&self, key: &MessageKey) {
-        let mut inner = self.lock();
-        if inner.recorded.remove(key).is_some() {
-            inner.order.retain(|k| k != key);
-        }
-        inner.losses.remove(key);
-    }
-
     /// Connection losses in a row at which `key` was being handled.
     pub fn losses(&self, key: &MessageKey) -> u32 {
         self.lock().losses.get(key).copied().unwrap_or(0)
     }
 
-    /// `key` is being handled until [`Memory::finished`].
-    pub fn started(&self, key: &MessageKey) {
+    /// A job of `key` starts: it is being handled until [`Memory::ended`].
+    /// What is known of it: its recorded outcome, and its connection
+    /// losses in a row. One lock for the three.
+    pub fn begin(&self, key: &MessageKey) -> (Option<Recorded>, u32) {
         let mut inner = self.lock();
         let connection = inner.connection;
         let entry = inner.in_flight.entry(key.clone()).or_default();
         entry.0 += 1;
         entry.1 = connection;
+        let recorded = inner.recorded.get(key).cloned();
+        let losses = inner.losses.get(key).copied().unwrap_or(0);
+        (recorded, losses)
     }
 
-    pub fn finished(&self, key: &MessageKey) {
+    /// The job of `key` has ended; `settled` if its message was settled
+    /// for good (then its recorded outcome and losses are forgotten).
+    pub fn ended(&self, key: &MessageKey, settled: bool) {
         let mut inner = self.lock();
         if let Some((n, _)) = inner.in_flight.get_mut(key) {
             *n -= 1;
             if *n == 0 {
                 inner.in_flight.remove(key);
             }
+        }
+        if settled {
+            if inner.recorded.remove(key).is_some() {
+                inner.order.retain(|k| k != key);
+            }
+            inner.losses.remove(key);
         }
     }
 
@@ -211,24 +215,24 @@ mod tests {
     fn losses_count_in_a_row() {
         let m = Memory::default();
         let (a, b) = (key("a"), key("b"));
-        m.started(&a);
-        m.started(&b);
+        m.begin(&a);
+        m.begin(&b);
         m.connection_lost();
-        m.finished(&a);
-        m.finished(&b);
+        m.ended(&a, false);
+        m.ended(&b, false);
         assert_eq!((m.losses(&a), m.losses(&b)), (1, 1));
         // Only `a` is back at the next loss.
-        m.started(&a);
+        m.begin(&a);
         m.connection_lost();
-        m.finished(&a);
+        m.ended(&a, false);
         assert_eq!((m.losses(&a), m.losses(&b)), (2, 0));
-        m.started(&a);
+        m.begin(&a);
         m.connection_lost();
         assert_eq!(m.losses(&a), 3);
         // Still running on the lost connection: not counted again.
         m.connection_lost();
         assert_eq!(m.losses(&a), 0);
-        m.settled(&a);
+        m.ended(&a, true);
         assert_eq!(m.losses(&a), 0);
     }
 
@@ -249,7 +253,9 @@ mod tests {
             m.recorded(&key(&(MAX_RECORDED + 4).to_string())),
             Some(r.clone())
         );
-        m.settled(&key(&(MAX_RECORDED + 4).to_string()));
+        let last = key(&(MAX_RECORDED + 4).to_string());
+        assert_eq!(m.begin(&last), (Some(r.clone()), 0));
+        m.ended(&last, true);
         assert!(m.recorded(&key(&(MAX_RECORDED + 4).to_string())).is_none());
     }
 }
