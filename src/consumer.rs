@@ -194,6 +194,13 @@ async fn consume(
     reported_ready: &mut bool,
 ) -> End {
     let cfg = &queue.cfg;
+    let parts = Arc::new(job::Parts {
+        memory: shared.memory.clone(),
+        budget: shared.budget.clone(),
+        registry: shared.registry.clone(),
+        interrupt: shared.drain.interrupt.clone(),
+        signing_key: shared.signing_key.clone(),
+    });
     let channel = match conn.create_channel().await {
         Ok(c) => c,
         Err(e) => return End::ChannelError(format!("cannot open a channel: {e}")),
@@ -356,15 +363,15 @@ async fn consume(
         let permits = Permits {
             _queue: slot,
             _global: global_slot,
+            // Counted before the job is spawned, so that a shutdown's
+            // settle limit never sees it without its worker.
+            worker: queue.stats.worker_starting(),
         };
-        // Counted before the job is spawned, so that a shutdown's settle
-        // limit never sees it without its worker.
-        shared.drain.worker_started();
         shared.drain.tracker.spawn(jobs.track_future(job::handle(
             delivery,
             settler.clone(),
             queue.clone(),
-            shared.clone(),
+            parts.clone(),
             permits,
         )));
     };

@@ -19,14 +19,15 @@ use crate::config::OnConnectionLoss;
 use crate::config::Replies;
 use crate::headers;
 use crate::memory::{Memory, MessageKey};
-use crate::metrics;
+use crate::metrics::{self, RunningWorker};
 use crate::policy::{Decision, Outcome};
 use crate::publish::{self, PublishError, SettleChannel};
 use crate::runner::{self, Job, LogContext};
 use crate::settlement::{
     self, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
 };
-use crate::state::{QueueState, Shared};
+use crate::signing::SigningKey;
+use crate::state::{JobBudget, QueueState, Registry};
 use lapin::options::BasicNackOptions;
 use lapin::types::ShortString;
 use lapin::{Connection, message::Delivery};
@@ -44,10 +45,25 @@ pub use crate::settlement::{
 /// environment string to 128 KiB); `AMQP_EXEC_HEADERS_OMITTED` says so.
 pub const MAX_HEADERS_ENV: usize = 64 * 1024;
 
-/// Held for the life of a job: the queue's concurrency slot and the global one.
+/// Held for the life of a job: the queue's concurrency slot and the global
+/// one, and its worker's count in the running workers.
 pub struct Permits {
     pub _queue: OwnedSemaphorePermit,
     pub _global: OwnedSemaphorePermit,
+    pub worker: RunningWorker,
+}
+
+/// The parts of the supervisor's shared state that jobs use.
+pub struct Parts {
+    /// What the instance remembers of messages across deliveries.
+    pub memory: Arc<Memory>,
+    /// `--max-jobs` and the idle clock.
+    pub budget: Arc<JobBudget>,
+    /// For the queues no reply may go to.
+    pub registry: Arc<Registry>,
+    /// Kills running workers (the shutdown grace expired).
+    pub interrupt: CancellationToken,
+    pub signing_key: SigningKey,
 }
 
 /// The channel a delivery came from, and what a job needs to settle on it.
@@ -78,25 +94,27 @@ pub async fn handle(
     delivery: Delivery,
     settler: Settler,
     queue: Arc<QueueState>,
-    shared: Arc<Shared>,
+    parts: Arc<Parts>,
     permits: Permits,
 ) {
+    let worker = permits.worker;
+    let slots = (permits._queue, permits._global);
     let cfg = &queue.cfg;
     let props = &delivery.properties;
     let key = MessageKey::of(&queue.name, props, &delivery.data);
-    let (recorded, connection_losses) = shared.memory.begin(&key);
-    let mut guard = JobGuard::new(&delivery, &queue, &shared, key);
+    let (recorded, connection_losses) = parts.memory.begin(&key);
+    let mut guard = JobGuard::new(&delivery, &queue, &parts, key, worker);
     let d = Delivered {
         properties: props,
         redelivered: delivery.redelivered,
         body: &delivery.data,
     };
     let known = Known {
-        stopping: shared.drain.interrupt.is_cancelled(),
+        stopping: parts.interrupt.is_cancelled(),
         connection_losses,
         recorded: recorded.as_ref(),
     };
-    let mut admission = settlement::admit(d, cfg, known, &shared.signing_key);
+    let mut admission = settlement::admit(d, cfg, known, &parts.signing_key);
     let attempt = admission.attempt;
     let log = LogContext {
         queue: queue.name.clone(),
@@ -115,7 +133,7 @@ pub async fn handle(
              (set by its publisher, or signed with another key_file): they are ignored"
         );
     }
-    let own_queues = shared.registry.own_queues();
+    let own_queues = parts.registry.own_queues();
     let reply_to = d.reply_to();
     let reply_allowed =
         reply_to.is_some_and(|to| settlement::reply_allowed(to, cfg, &own_queues).is_ok());
@@ -140,7 +158,7 @@ pub async fn handle(
                 log: &log,
             };
             let lost = (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&settler.lost);
-            let result = runner::run(job, &shared.drain.interrupt, lost).await;
+            let result = runner::run(job, &parts.interrupt, lost).await;
             let ran = result.pid.map(|_| result.elapsed);
             let ended = Ended {
                 outcome: result.outcome,
@@ -166,7 +184,7 @@ pub async fn handle(
     let ctx = Context {
         frame_max: settler.channel.frame_max(),
         now: SystemTime::now(),
-        key: &shared.signing_key,
+        key: &parts.signing_key,
         own_queues: &own_queues,
     };
     let plan = settlement::plan(d, cfg, &admission, &ended, ctx);
@@ -197,14 +215,14 @@ pub async fn handle(
     guard.settling();
     let settled = tokio::select! {
         biased;
-        settled = execute(&plan, &delivery, &settler, &queue, &shared.memory, &guard.key, attempt, &ended, &log) => settled,
+        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log) => settled,
         _ = settler.lost.cancelled() => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "the channel or connection was lost while the job was being settled; the broker will redeliver the message");
             Settled::Lost
         }
     };
-    drop(permits);
+    drop(slots);
     let acked = settled == Settled::Acked;
     if acked {
         count(&queue, plan.decision);
@@ -453,9 +471,9 @@ async fn requeue(delivery: &Delivery, log: &LogContext) -> Settled {
 struct JobGuard<'a> {
     acker: lapin::Acker,
     queue: &'a QueueState,
-    shared: &'a Shared,
+    parts: &'a Parts,
     key: MessageKey,
-    worker_running: bool,
+    worker: Option<RunningWorker>,
     /// Whether the delivery still needs settling by the guard.
     unsettled: bool,
     acked: Option<bool>,
@@ -465,17 +483,17 @@ impl<'a> JobGuard<'a> {
     fn new(
         delivery: &Delivery,
         queue: &'a QueueState,
-        shared: &'a Shared,
+        parts: &'a Parts,
         key: MessageKey,
+        worker: RunningWorker,
     ) -> Self {
         // The memory counts the job as begun (see `Memory::begin`).
-        metrics::inc(&queue.stats.running);
         JobGuard {
             acker: delivery.acker.clone(),
             queue,
-            shared,
+            parts,
             key,
-            worker_running: true,
+            worker: Some(worker),
             unsettled: true,
             acked: None,
         }
@@ -483,11 +501,8 @@ impl<'a> JobGuard<'a> {
 
     /// The worker has ended (or was never started).
     fn worker_done(&mut self) {
-        if std::mem::take(&mut self.worker_running) {
-            metrics::dec(&self.queue.stats.running);
-            // Counted by the consumer before this job was spawned.
-            self.shared.drain.worker_ended();
-        }
+        // Counted by the consumer before this job was spawned.
+        self.worker = None;
     }
 
     /// Settling begins: from here on the executor settles the delivery.
@@ -504,7 +519,7 @@ impl Drop for JobGuard<'_> {
     fn drop(&mut self) {
         self.worker_done();
         let acked = self.acked.unwrap_or(false);
-        self.shared.memory.ended(&self.key, acked);
+        self.parts.memory.ended(&self.key, acked);
         if self.unsettled {
             tracing::error!(
                 queue = %self.queue.name,
@@ -520,7 +535,7 @@ impl Drop for JobGuard<'_> {
                     .await;
             });
         }
-        self.shared.budget.job_finished(acked);
+        self.parts.budget.job_finished(acked);
     }
 }
 

@@ -3,21 +3,21 @@
 //!
 //! # Module map
 //!
-//! A stack: each module imports only modules below it (and `main.rs`
-//! stands on top of them all).
+//! A stack, top to bottom: each module imports only modules listed below it
+//! (`main.rs` stands on top of them all). `tests/layout.rs` checks the code
+//! against this list.
 //!
 //! - [`cli`] — the `publish`, `check` and `dead` commands;
 //! - [`supervisor`] — the connection loop, signals, reloads, shutdown;
-//!   - [`consumer`] — one queue's consumer loop on one connection;
-//!     - [`job`] — one delivery from start to ack: carries out the
-//!       settlement plan;
-//!       - [`runner`] — spawning a worker and collecting its output;
-//!       - [`settlement`] — delivery + job result → settlement plan (pure);
-//!       - [`memory`] — outcomes and connection losses remembered per
-//!         message;
-//!       - [`publish`] — confirmed publishing, and acks;
-//!       - [`state`] — the state consumers and jobs share, in parts:
-//!         drain, job budget, readiness, queue registry;
+//! - [`consumer`] — one queue's consumer loop on one connection;
+//! - [`job`] — one delivery from start to ack: carries out the settlement
+//!   plan;
+//!   - [`state`] — the state consumers and jobs share, in parts: drain, job
+//!     budget, readiness, queue registry;
+//!   - [`memory`] — outcomes and connection losses remembered per message;
+//!   - [`settlement`] — delivery + job result → settlement plan (pure);
+//!   - [`runner`] — spawning a worker and collecting its output;
+//!   - [`publish`] — confirmed publishing, and acks;
 //! - below those, used by several:
 //!   - [`broker`] — connecting, queue topology;
 //!   - [`config`] — the TOML file, validated into typed structs;
@@ -25,8 +25,8 @@
 //!   - [`signing`] — HMAC signatures of the control headers amqp-exec reads;
 //!   - [`slots`] — the global and per-queue worker slots;
 //!   - [`headers`] — AMQP headers: JSON, sizes, filters;
-//!   - [`metrics`] — counters and the Prometheus endpoint;
 //!   - [`systemd`] — sd_notify;
+//!   - [`metrics`] — counters and the Prometheus endpoint;
 //!   - [`reaper`] — reaping orphans when running as PID 1;
 //!   - [`tls`] — `amqps://` connections and `[broker.tls]`;
 //!   - [`uri`] — broker URLs, parsed and redacted;

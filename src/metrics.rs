@@ -19,6 +19,8 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 /// synchronisation.
 #[derive(Debug, Default)]
 pub struct QueueStats {
+    /// Workers running now: the one count of them, kept by
+    /// [`RunningWorker`]s (the supervisor's total is the sum over queues).
     pub running: AtomicU64,
     /// Jobs whose worker succeeded and whose message was acked.
     pub ok: AtomicU64,
@@ -41,7 +43,25 @@ pub struct QueueStats {
     duration_micros: AtomicU64,
 }
 
+/// A worker counted as running in its queue's [`QueueStats::running`], from
+/// before its job is spawned until the worker is gone (or was never
+/// started); dropping it ends the count.
+#[derive(Debug)]
+pub struct RunningWorker(Arc<QueueStats>);
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        dec(&self.0.running);
+    }
+}
+
 impl QueueStats {
+    /// Counts a worker as running until the returned guard is dropped.
+    pub fn worker_starting(self: &Arc<Self>) -> RunningWorker {
+        inc(&self.running);
+        RunningWorker(self.clone())
+    }
+
     pub fn count_exit(&self, label: String) {
         *self
             .exits

@@ -222,7 +222,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
     if running > 0 && !shared.drain.interrupt.is_cancelled() {
         tracing::info!("waiting for {running} running job(s) to finish");
     }
-    shared.drain.wait_for_jobs(shared.kill_grace()).await;
+    shared
+        .drain
+        .wait_for_jobs(shared.kill_grace(), || shared.registry.workers_running())
+        .await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -364,7 +367,10 @@ async fn session(
         };
     }
     // Shutdown: jobs still need this connection to settle their messages.
-    shared.drain.wait_for_jobs(shared.kill_grace()).await;
+    shared
+        .drain
+        .wait_for_jobs(shared.kill_grace(), || shared.registry.workers_running())
+        .await;
     watcher.abort();
     if conn.status().blocked() {
         // Nothing can be sent, the close included: the socket closes on exit.

@@ -1,5 +1,5 @@
-//! Shutdown and drain: the stop and interrupt tokens, the running jobs and
-//! workers, the limit on settling after an interrupt, and the closing of
+//! Shutdown and drain: the stop and interrupt tokens, the running jobs, the
+//! limit on settling after an interrupt, and the closing of
 //! ended consumers' channels once their jobs have settled.
 //!
 //! `stop` ends consuming (signals, `--max-jobs`, `--exit-when-idle`);
@@ -8,7 +8,6 @@
 
 use crate::runner;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,9 +24,6 @@ pub struct Drain {
     /// When jobs still settling after `interrupt` are given up; see
     /// [`Drain::settle_deadline`].
     settle_deadline: Mutex<Option<Settle>>,
-    /// Workers running now (processes, not jobs: a job may still be
-    /// settling after its worker ended).
-    workers: AtomicUsize,
     /// Closes the channels of ended consumers once their jobs have settled;
     /// see [`Drain::close_channel_after`].
     closers: TaskTracker,
@@ -49,7 +45,6 @@ impl Drain {
             interrupt: CancellationToken::new(),
             tracker: TaskTracker::new(),
             settle_deadline: Mutex::new(None),
-            workers: AtomicUsize::new(0),
             closers: TaskTracker::new(),
             shutdown_grace: Mutex::new(shutdown_grace),
         }
@@ -86,27 +81,18 @@ impl Drain {
         self.closers.wait().await;
     }
 
-    /// A job's worker is about to start; [`Drain::worker_ended`] when it
-    /// is gone (or was never started).
-    pub fn worker_started(&self) {
-        self.workers.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn worker_ended(&self) {
-        self.workers.fetch_sub(1, Ordering::SeqCst);
-    }
-
     /// When jobs still settling after `interrupt` are given up: one limit
     /// for every wait, so that a later wait does not add to it.
-    /// `kill_grace` is the longest of the queues'.
-    fn settle_deadline(&self, kill_grace: Duration) -> tokio::time::Instant {
+    /// `kill_grace` is the longest of the queues'; `workers` the workers
+    /// running now.
+    fn settle_deadline(&self, kill_grace: Duration, workers: u64) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
         let mut settle = self.settle_deadline.lock().expect("not poisoned");
         let s = settle.get_or_insert_with(|| Settle {
             deadline: now + kill_grace + runner::PIPE_DRAIN_LIMIT + SETTLE_AFTER_INTERRUPT,
             workers_gone: false,
         });
-        if !s.workers_gone && self.workers.load(Ordering::SeqCst) == 0 {
+        if !s.workers_gone && workers == 0 {
             s.workers_gone = true;
             s.deadline = s.deadline.min(now + SETTLE_AFTER_INTERRUPT);
         }
@@ -117,14 +103,16 @@ impl Drain {
     /// grace expired, or a second signal), a job stuck settling (a confirm
     /// that never comes) is given up after a few seconds: its message was
     /// not acked, so the broker requeues it when the connection closes.
-    /// `kill_grace` is the longest of the queues'.
-    pub async fn wait_for_jobs(&self, kill_grace: Duration) {
+    /// `kill_grace` is the longest of the queues'; `workers` counts the
+    /// workers running now (processes, not jobs: a job may still be
+    /// settling after its worker ended).
+    pub async fn wait_for_jobs(&self, kill_grace: Duration, workers: impl Fn() -> u64) {
         self.tracker.close();
         let given_up = async {
             self.interrupt.cancelled().await;
-            let passed = tokio::time::Instant::now() >= self.settle_deadline(kill_grace);
+            let passed = tokio::time::Instant::now() >= self.settle_deadline(kill_grace, workers());
             loop {
-                let deadline = self.settle_deadline(kill_grace);
+                let deadline = self.settle_deadline(kill_grace, workers());
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
                     break;

@@ -1,12 +1,13 @@
 //! The state that the connection loop, the consumer loops and the jobs
 //! share, as small parts with one job each, below the code that uses them:
 //!
-//! - [`drain`]: shutdown and drain (stop, interrupt, running jobs and
-//!   workers, the settle limit, closing ended consumers' channels);
+//! - [`drain`]: shutdown and drain (stop, interrupt, running jobs, the
+//!   settle limit, closing ended consumers' channels);
 //! - [`budget`]: `--max-jobs` and `--exit-when-idle`;
 //! - [`readiness`]: what systemd is told;
 //! - [`queues`]: each configured queue's state, and the registry that
-//!   reloads replace entries of.
+//!   reloads replace entries of, and the running workers (each queue's
+//!   count, summed).
 //!
 //! [`Shared`] bundles them with the worker slots, the memory of messages,
 //! the signing key and the connection counters.
@@ -31,14 +32,14 @@ use std::sync::Arc;
 /// See the module's doc.
 pub struct Shared {
     pub drain: Drain,
-    pub budget: JobBudget,
+    pub budget: Arc<JobBudget>,
     pub readiness: Readiness,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// `max_workers` slots. Without a `max_workers` key there is no cap
     /// beyond the queues' own `concurrency`, so reloads never wait on it.
     pub global: GlobalSlots,
     /// What the instance remembers of messages across deliveries.
-    pub memory: Memory,
+    pub memory: Arc<Memory>,
     /// The key of signed control headers (the first config's: a reload
     /// does not change it).
     pub signing_key: SigningKey,
@@ -51,12 +52,12 @@ impl Shared {
         let drain = Drain::new(cfg.shutdown_grace);
         let budget = JobBudget::new(max_jobs, drain.stop.clone());
         Shared {
-            budget,
+            budget: Arc::new(budget),
             drain,
             readiness: Readiness::new(cfg.queues.len()),
-            registry: Registry::new(cfg.own_queues()),
+            registry: Arc::new(Registry::new(cfg.own_queues())),
             global: GlobalSlots::new(cfg.max_workers),
-            memory: Memory::default(),
+            memory: Arc::default(),
             signing_key: cfg.signing_key.clone(),
             stats: Arc::default(),
         }

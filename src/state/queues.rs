@@ -65,7 +65,7 @@ impl QueueState {
             name: Arc::from(cfg.name.as_str()),
             slots: registry.slots.for_queue(&cfg.name, cfg.concurrency),
             base_env: worker_env(&cfg),
-            stats: old.map_or_else(Default::default, |o| o.stats.clone()),
+            stats: old.map_or_else(|| registry.new_stats(), |o| o.stats.clone()),
             pause: watch::Sender::new(String::new()),
             stop: stop.child_token(),
             previous: Mutex::new(old.cloned()),
@@ -115,6 +115,9 @@ pub struct Registry {
     own_queues: RwLock<Arc<HashSet<String>>>,
     /// The queues' `concurrency` slots, by name, across reloads.
     slots: QueueSlots,
+    /// The counters of every queue state made, including those a reload
+    /// removed whose jobs may still run: see [`Registry::workers_running`].
+    stats: Mutex<Vec<Arc<QueueStats>>>,
 }
 
 impl Registry {
@@ -123,7 +126,25 @@ impl Registry {
             queues: RwLock::new(Vec::new()),
             own_queues: RwLock::new(Arc::new(own_queues)),
             slots: QueueSlots::default(),
+            stats: Mutex::new(Vec::new()),
         }
+    }
+
+    /// New counters for a queue, counted in [`Registry::workers_running`].
+    fn new_stats(&self) -> Arc<QueueStats> {
+        let stats = Arc::<QueueStats>::default();
+        self.stats.lock().expect("not poisoned").push(stats.clone());
+        stats
+    }
+
+    /// Workers running now, in every queue (removed ones included).
+    pub fn workers_running(&self) -> u64 {
+        self.stats
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|s| crate::metrics::get(&s.running))
+            .sum()
     }
 
     /// A snapshot of the configured queues.
