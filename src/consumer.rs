@@ -8,6 +8,7 @@
 use crate::broker;
 use crate::config::{QueueConfig, executable_by, resolve_command};
 use crate::job::{self, Permits, Settler};
+use crate::metrics;
 use crate::publish::{CONFIRM_TIMEOUT, SettleChannel};
 use crate::runner::PIPE_DRAIN_LIMIT;
 use crate::state::{QueueState, Shared};
@@ -20,6 +21,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, Consumer, message::Delivery};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -134,6 +136,7 @@ pub async fn run_queue(
         let wait = match end {
             End::Stopped => break,
             End::Paused { why, requeued } => {
+                queue.stats.paused.store(1, Relaxed);
                 if requeued {
                     tracing::error!(
                         queue = %queue.name,
@@ -245,6 +248,7 @@ async fn consume(
             return End::ChannelError(format!("cannot consume from \"{}\": {e}", cfg.name));
         }
     };
+    queue.stats.paused.store(0, Relaxed);
     tracing::info!(
         queue = %queue.name,
         concurrency = cfg.concurrency,
@@ -314,6 +318,7 @@ async fn consume(
             Some(Ok(d)) => d,
         };
         let _held = shared.budget.delivery_arrived();
+        let _waiting = metrics::Raised::new(&queue.stats.held);
         if queue.cfg.max_rate.is_some() {
             tokio::select! {
                 biased;

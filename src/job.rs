@@ -19,7 +19,7 @@ use crate::config::OnConnectionLoss;
 use crate::config::Replies;
 use crate::headers;
 use crate::memory::{Memory, MessageKey};
-use crate::metrics::{self, RunningWorker};
+use crate::metrics::{self, RunningWorker, SpawnCause};
 use crate::policy::{Decision, Outcome};
 use crate::publish::{self, PublishError, SettleChannel};
 use crate::runner::{self, Job, LogContext};
@@ -158,7 +158,14 @@ pub async fn handle(
                 log: &log,
             };
             let lost = (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&settler.lost);
+            // A retry carries the first publish's timestamp: not a wait.
+            if let (1, Some(ts)) = (attempt, props.timestamp()) {
+                queue.stats.observe_queue_wait(*ts, SystemTime::now());
+            }
             let result = runner::run(job, &parts.interrupt, lost).await;
+            if let Some(kind) = result.spawn_error {
+                queue.stats.count_spawn_failure(SpawnCause::of(Some(kind)));
+            }
             let ran = result.pid.map(|_| result.elapsed);
             let ended = Ended {
                 outcome: result.outcome,
@@ -177,6 +184,7 @@ pub async fn handle(
     if let Some(elapsed) = ran {
         queue.stats.observe_duration(elapsed);
         queue.stats.count_exit(ended.outcome.label());
+        count_status(&queue, &ended.outcome);
     }
     #[cfg(debug_assertions)]
     test_fault::panic_once_if_asked(&log.message_id);
@@ -236,9 +244,25 @@ pub async fn handle(
     }
 }
 
-/// Counts a settled job under its decision.
+/// Counts a worker's exit code, signal or timeout.
+fn count_status(queue: &QueueState, outcome: &Outcome) {
+    match *outcome {
+        Outcome::Exit(code) => queue.stats.count_exit_code(code),
+        Outcome::Signal(sig) => queue.stats.count_signal(sig),
+        Outcome::Timeout => metrics::inc(&queue.stats.timeouts),
+        _ => {}
+    }
+}
+
+/// Counts a settled job under its decision; a success ends the queue's
+/// failure streak, a retry or dead letter adds to it.
 fn count(queue: &QueueState, decision: Decision) {
     let stats = &queue.stats;
+    match decision {
+        Decision::Ack => stats.job_succeeded(SystemTime::now()),
+        Decision::Retry { .. } | Decision::DeadLetter => stats.job_failed(),
+        Decision::Drop | Decision::Requeue => {}
+    }
     metrics::inc(match decision {
         Decision::Ack => &stats.ok,
         Decision::Drop => &stats.dropped,
@@ -285,7 +309,6 @@ fn log_plan(
             tracing::warn!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "dropping the message as exit_codes says");
         }
         Decision::Requeue if ended.outcome == Outcome::SpawnFailed => {
-            metrics::inc(&queue.stats.spawn_failures);
             // One error per pause is logged by the consumer loop.
             tracing::debug!(
                 queue = %log.queue, message_id = %log.message_id,

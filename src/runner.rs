@@ -72,6 +72,8 @@ pub struct JobResult {
     pub stdout: Vec<u8>,
     pub stdout_truncated: bool,
     pub elapsed: Duration,
+    /// Why the worker could not be started, when it could not.
+    pub spawn_error: Option<std::io::ErrorKind>,
 }
 
 /// Runs the job. `interrupt` (shutdown grace expired, second signal) stops
@@ -84,7 +86,8 @@ pub async fn run(
     connection_lost: Option<&CancellationToken>,
 ) -> JobResult {
     let started = Instant::now();
-    let spawn_failed = |text: String| JobResult {
+    let spawn_failed = |text: String, kind: std::io::ErrorKind| JobResult {
+        spawn_error: Some(kind),
         outcome: Outcome::SpawnFailed,
         pid: None,
         stderr_or_reason: text.into_bytes(),
@@ -95,10 +98,13 @@ pub async fn run(
     let pipes = match Pipes::new(job.body) {
         Ok(p) => p,
         Err(e) => {
-            return spawn_failed(format!(
-                "cannot start {:?}: cannot create its pipes: {e}",
-                job.command[0]
-            ));
+            return spawn_failed(
+                format!(
+                    "cannot start {:?}: cannot create its pipes: {e}",
+                    job.command[0]
+                ),
+                e.kind(),
+            );
         }
     };
     let mut cmd = Command::new(&job.command[0]);
@@ -124,7 +130,7 @@ pub async fn run(
         Ok(child) => child,
         Err(e) => {
             drop(spawning);
-            return spawn_failed(spawn_error_text(job.command, job.working_dir, &e));
+            return spawn_failed(spawn_error_text(job.command, job.working_dir, &e), e.kind());
         }
     };
     let pid = child.id();
@@ -246,6 +252,7 @@ pub async fn run(
         stdout_truncated: out.truncated,
         stdout: out.into_bytes(),
         elapsed: started.elapsed(),
+        spawn_error: None,
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 pub struct GlobalSlots {
     sem: Arc<Semaphore>,
     capped: bool,
+    max: Option<usize>,
     waiting: AtomicUsize,
     wake: Notify,
 }
@@ -28,8 +29,17 @@ impl GlobalSlots {
         GlobalSlots {
             sem: Arc::new(Semaphore::new(max.unwrap_or(Semaphore::MAX_PERMITS))),
             capped: max.is_some(),
+            max,
             waiting: AtomicUsize::new(0),
             wake: Notify::new(),
+        }
+    }
+
+    /// The slots as the metrics page reads them.
+    pub fn metrics_view(&self) -> crate::metrics::WorkerSlots {
+        crate::metrics::WorkerSlots {
+            free: self.sem.clone(),
+            limit: self.max,
         }
     }
 

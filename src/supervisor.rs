@@ -38,6 +38,7 @@ fn queue_views(shared: &Arc<Shared>) -> metrics::Queues {
             .map(|q| QueueView {
                 name: q.name.clone(),
                 concurrency: q.cfg.concurrency,
+                timeout: q.cfg.timeout,
                 stats: q.stats.clone(),
             })
             .collect()
@@ -155,6 +156,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
         let (conn, index) = match attempt {
             Ok(ok) => ok,
             Err(e) => {
+                metrics::inc(&shared.stats.connect_failures);
                 let wait = jittered(backoff);
                 tracing::error!(
                     "broker unreachable ({e}); retrying in {:.1}s",

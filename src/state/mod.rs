@@ -51,15 +51,20 @@ impl Shared {
     pub fn new(cfg: &Config, max_jobs: Option<u64>) -> Shared {
         let drain = Drain::new(cfg.shutdown_grace);
         let budget = JobBudget::new(max_jobs, drain.stop.clone());
+        let global = GlobalSlots::new(cfg.max_workers);
+        let stats = GlobalStats {
+            workers: Some(global.metrics_view()),
+            ..GlobalStats::default()
+        };
         Shared {
             budget: Arc::new(budget),
             drain,
             readiness: Readiness::new(cfg.queues.len()),
             registry: Arc::new(Registry::new(cfg.own_queues())),
-            global: GlobalSlots::new(cfg.max_workers),
+            global,
             memory: Arc::default(),
             signing_key: cfg.signing_key.clone(),
-            stats: Arc::default(),
+            stats: Arc::new(stats),
         }
     }
 
