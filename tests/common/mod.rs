@@ -5,6 +5,7 @@
 pub mod mariadb;
 pub mod proxy;
 pub mod raw;
+pub mod scrape;
 pub mod smtp;
 
 use futures_lite::StreamExt;
