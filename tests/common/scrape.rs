@@ -54,7 +54,7 @@ pub async fn wait_page(
 }
 
 /// Every metric name the page exports: each family's name from its
-/// `# TYPE` line (with `_bucket`, `_sum` and `_count` for a histogram),
+/// `# TYPE` line (a histogram's `_bucket`, `_sum` and `_count` instead),
 /// and the name of each sample.
 pub fn metric_names(page: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -64,11 +64,12 @@ pub fn metric_names(page: &str) -> BTreeSet<String> {
             let (Some(name), Some(kind)) = (words.next(), words.next()) else {
                 continue;
             };
-            names.insert(name.to_owned());
             if kind == "histogram" {
                 for suffix in ["_bucket", "_sum", "_count"] {
                     names.insert(format!("{name}{suffix}"));
                 }
+            } else {
+                names.insert(name.to_owned());
             }
         } else if !line.starts_with('#') && !line.is_empty() {
             let end = line.find(['{', ' ']).unwrap_or(line.len());
