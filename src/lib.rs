@@ -26,7 +26,8 @@
 //!   - [`slots`] — the global and per-queue worker slots;
 //!   - [`headers`] — AMQP headers: JSON, sizes, filters;
 //!   - [`systemd`] — sd_notify;
-//!   - [`metrics`] — counters and the Prometheus endpoint;
+//!   - [`metrics`] — counters, gauges and histograms, and the Prometheus
+//!     endpoint;
 //!   - [`reaper`] — reaping orphans when running as PID 1;
 //!   - [`tls`] — `amqps://` connections and `[broker.tls]`;
 //!   - [`uri`] — broker URLs, parsed and redacted;
