@@ -17,7 +17,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 /// The `max_workers` slots.
 pub struct GlobalSlots {
     sem: Arc<Semaphore>,
-    capped: bool,
+    /// `max_workers`.
     max: Option<usize>,
     waiting: AtomicUsize,
     wake: Notify,
@@ -28,7 +28,6 @@ impl GlobalSlots {
     pub fn new(max: Option<usize>) -> GlobalSlots {
         GlobalSlots {
             sem: Arc::new(Semaphore::new(max.unwrap_or(Semaphore::MAX_PERMITS))),
-            capped: max.is_some(),
             max,
             waiting: AtomicUsize::new(0),
             wake: Notify::new(),
@@ -45,7 +44,7 @@ impl GlobalSlots {
 
     /// Whether `max_workers` is set.
     pub fn capped(&self) -> bool {
-        self.capped
+        self.max.is_some()
     }
 
     /// Waits for a slot, in turn.
