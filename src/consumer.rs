@@ -11,6 +11,7 @@ use crate::job::{self, Permits, Settler};
 use crate::metrics;
 use crate::publish::{CONFIRM_TIMEOUT, SettleChannel};
 use crate::runner::PIPE_DRAIN_LIMIT;
+use crate::state::activity::ConsumerState;
 use crate::state::{QueueState, Shared};
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -86,6 +87,7 @@ pub async fn run_queue(
     let mut channel_retry = CHANNEL_RETRY;
     let mut declared = !queue.cfg.declare;
     let mut reported_ready = false;
+    queue.activity.set_state(ConsumerState::Starting);
     loop {
         if queue.stop.is_cancelled() || conn_lost.is_cancelled() {
             break;
@@ -137,6 +139,7 @@ pub async fn run_queue(
             End::Stopped => break,
             End::Paused { why, requeued } => {
                 queue.stats.paused.store(1, Relaxed);
+                queue.activity.set_state(ConsumerState::Paused(why.clone()));
                 if requeued {
                     tracing::error!(
                         queue = %queue.name,
@@ -158,6 +161,9 @@ pub async fn run_queue(
                 if !conn.status().connected() {
                     break;
                 }
+                queue
+                    .activity
+                    .set_state(ConsumerState::ChannelError(e.clone()));
                 tracing::error!(
                     queue = %queue.name,
                     "{e}; reopening the channel in {}s",
@@ -203,6 +209,7 @@ async fn consume(
         registry: shared.registry.clone(),
         interrupt: shared.drain.interrupt.clone(),
         signing_key: shared.signing_key.clone(),
+        activity: shared.activity.clone(),
     });
     let channel = match conn.create_channel().await {
         Ok(c) => c,
@@ -255,6 +262,7 @@ async fn consume(
         prefetch = queue.effective_prefetch(),
         "consuming"
     );
+    queue.activity.set_state(ConsumerState::Consuming);
     if !*reported_ready {
         *reported_ready = true;
         shared.readiness.queue_ready(true);

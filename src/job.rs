@@ -27,11 +27,13 @@ use crate::settlement::{
     self, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
 };
 use crate::signing::SigningKey;
+use crate::state::activity::{self, Activity, JobEnd, RunningJob};
 use crate::state::{JobBudget, QueueState, Registry};
 use lapin::options::BasicNackOptions;
 use lapin::types::ShortString;
 use lapin::{Connection, message::Delivery};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,8 @@ pub struct Parts {
     /// Kills running workers (the shutdown grace expired).
     pub interrupt: CancellationToken,
     pub signing_key: SigningKey,
+    /// The jobs in progress, for the status page.
+    pub activity: Arc<Activity>,
 }
 
 /// The channel a delivery came from, and what a job needs to settle on it.
@@ -125,6 +129,12 @@ pub async fn handle(
             .unwrap_or_default(),
         attempt,
     };
+    let running = parts.activity.register(RunningJob::new(
+        queue.name.clone(),
+        &log.message_id,
+        attempt,
+        cfg.timeout,
+    ));
     if admission.forged {
         metrics::inc(&queue.stats.forged_headers);
         tracing::warn!(
@@ -156,6 +166,7 @@ pub async fn handle(
                 },
                 max_log_lines: cfg.max_log_lines,
                 log: &log,
+                pid_to: Some(&running.job.pid),
             };
             let lost = (cfg.on_connection_loss == OnConnectionLoss::Kill).then_some(&settler.lost);
             // A retry carries the first publish's timestamp: not a wait.
@@ -181,6 +192,7 @@ pub async fn handle(
         }
     };
     guard.worker_done();
+    running.job.settling.store(true, Ordering::Relaxed);
     if let Some(elapsed) = ran {
         queue.stats.observe_duration(elapsed);
         queue.stats.count_exit(ended.outcome.label());
@@ -238,6 +250,14 @@ pub async fn handle(
         metrics::inc(&queue.stats.unsettled);
     }
     guard.finish(acked);
+    note_activity(
+        &queue,
+        plan.decision,
+        settled,
+        &ended,
+        ran.is_some(),
+        &running.job,
+    );
     if ended.outcome == Outcome::SpawnFailed {
         let why = String::from_utf8_lossy(&ended.stderr_or_reason).into_owned();
         queue.pause.send_modify(|last| *last = why);
@@ -270,6 +290,54 @@ fn count(queue: &QueueState, decision: Decision) {
         Decision::DeadLetter => &stats.dead,
         Decision::Requeue => &stats.requeued,
     });
+}
+
+/// Tells the status page how the job ended: its rates, and its failure and
+/// dead letter if any.
+fn note_activity(
+    queue: &QueueState,
+    decision: Decision,
+    settled: Settled,
+    ended: &Ended,
+    ran: bool,
+    job: &RunningJob,
+) {
+    let end = match (settled, decision) {
+        (Settled::Acked, Decision::Ack) => JobEnd::Ok,
+        (Settled::Acked, Decision::Drop) => JobEnd::Dropped,
+        (Settled::Acked, Decision::Retry { .. }) => JobEnd::Retried,
+        (Settled::Acked, Decision::DeadLetter) => JobEnd::Dead,
+        (Settled::Acked | Settled::Requeued, _) | (Settled::Lost, Decision::Requeue) => {
+            JobEnd::Requeued
+        }
+        (Settled::Lost, _) => JobEnd::Unsettled,
+    };
+    let now = SystemTime::now();
+    let failed = !matches!(ended.outcome, Outcome::Exit(0) | Outcome::Interrupted)
+        && (ran || ended.outcome == Outcome::SpawnFailed);
+    let failure = failed.then(|| activity::Failure {
+        at: now,
+        message_id: job.message_id.to_string(),
+        attempt: job.attempt,
+        exit: ended.outcome.label(),
+        stderr_tail: ended.stderr_or_reason.clone(),
+    });
+    let dead = (end == JobEnd::Dead).then(|| activity::DeadLetter {
+        at: now,
+        message_id: job.message_id.to_string(),
+        attempt: job.attempt,
+        why: match ended.outcome {
+            Outcome::Exit(code) => format!("exit {code}"),
+            Outcome::Signal(_) => format!("killed by {}", ended.outcome.label()),
+            Outcome::Timeout => "timed out".to_owned(),
+            // No worker ran: the supervisor's own reason.
+            _ => activity::bounded(
+                &String::from_utf8_lossy(&ended.stderr_or_reason),
+                activity::MAX_REASON_CHARS,
+            ),
+        },
+    });
+    queue.activity.job_ended(end, failure, dead);
 }
 
 /// Says why a worker was not started.

@@ -7,13 +7,16 @@
 //! (`main.rs` stands on top of them all). `tests/layout.rs` checks the code
 //! against this list.
 //!
-//! - [`cli`] — the `publish`, `check` and `dead` commands;
+//! - [`cli`] — the `publish`, `check`, `dead` and `status` commands;
 //! - [`supervisor`] — the connection loop, signals, reloads, shutdown;
+//! - [`status`] — the status page (`/status`, `/status.json`): a report of
+//!   the shared state, rendered;
 //! - [`consumer`] — one queue's consumer loop on one connection;
 //! - [`job`] — one delivery from start to ack: carries out the settlement
 //!   plan;
 //!   - [`state`] — the state consumers and jobs share, in parts: drain, job
-//!     budget, readiness, queue registry;
+//!     budget, readiness, queue registry, activity (what runs now, and what
+//!     happened lately);
 //!   - [`memory`] — outcomes and connection losses remembered per message;
 //!   - [`settlement`] — delivery + job result → settlement plan (pure);
 //!   - [`runner`] — spawning a worker and collecting its output;
@@ -50,6 +53,7 @@ pub mod settlement;
 pub mod signing;
 pub mod slots;
 pub mod state;
+pub mod status;
 pub mod supervisor;
 pub mod systemd;
 pub mod tls;

@@ -104,6 +104,27 @@ enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// Show a running supervisor's queues, running jobs, failures and dead
+    /// letters (its status page, from the metrics listener).
+    Status {
+        /// The metrics listener, host:port or http://host:port [default: the config's [metrics] listen].
+        #[arg(long, visible_alias = "listen", value_name = "URL")]
+        url: Option<String>,
+        /// Refresh every SECONDS (default 2) until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2", value_parser = parse_watch)]
+        watch: Option<Duration>,
+        /// Print the JSON of /status.json as it came.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--watch`: seconds between 0.1 and 3600.
+fn parse_watch(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -346,6 +367,14 @@ async fn dispatch(
             cli::check_publish_args(&args)?;
             let broker = cli_broker(url, &config_path, named)?;
             cli::publish(&broker, args).await
+        }
+        Command::Status { url, watch, json } => {
+            let addr = match url {
+                Some(u) => cli::status::parse_status_url(&u)
+                    .map_err(|e| Failure::new(2, format!("--url: {e}")))?,
+                None => cli::status::addr_from_config(&config_path)?,
+            };
+            cli::status(cli::StatusArgs { addr, watch, json }).await
         }
         Command::Dead { action } => match action {
             DeadAction::List {

@@ -1,8 +1,8 @@
 //! Metrics: per-queue job outcomes, exit statuses, running workers, job
 //! durations, queue waits, saturation and connection events, kept as atomic
 //! counters; rendered in the Prometheus text format on `/metrics` (with
-//! `/healthz` beside it) when `[metrics] listen` is set. They also feed the
-//! systemd STATUS line.
+//! `/healthz` beside it, and the pages of a layer above: the status page)
+//! when `[metrics] listen` is set. They also feed the systemd STATUS line.
 //!
 //! Every update on a job's path is a relaxed atomic add or store on a fixed
 //! slot (exit codes and signals have one each): no lock, no allocation.
@@ -709,11 +709,24 @@ const CONNECTIONS_MAX: usize = 64;
 /// Time allowed for reading a request and writing its answer.
 const REQUEST_LIMIT: Duration = Duration::from_secs(5);
 
-/// Binds `addr` and serves `/metrics` and `/healthz` until the process ends.
+/// A page served beside `/metrics`.
+pub struct Page {
+    /// Its media type, such as `text/html; charset=utf-8`.
+    pub kind: &'static str,
+    pub body: String,
+}
+
+/// More pages, by path without its query: None for a path they do not
+/// serve.
+pub type Pages = Arc<dyn Fn(&str) -> Option<Page> + Send + Sync>;
+
+/// Binds `addr` and serves `/metrics`, `/healthz` and `pages` until the
+/// process ends.
 pub async fn serve(
     addr: std::net::SocketAddr,
     queues: Queues,
     global: Arc<GlobalStats>,
+    pages: Pages,
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -736,10 +749,10 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (queues, global) = (queues.clone(), global.clone());
+            let (queues, global, pages) = (queues.clone(), global.clone(), pages.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let answering = answer(&mut stream, &queues, &global);
+                let answering = answer(&mut stream, &queues, &global, &pages);
                 let _ = tokio::time::timeout(REQUEST_LIMIT, answering).await;
             });
         }
@@ -755,7 +768,12 @@ fn headers_end(request: &[u8]) -> bool {
 }
 
 /// Reads one request and writes its answer.
-async fn answer(stream: &mut tokio::net::TcpStream, queues: &Queues, global: &GlobalStats) {
+async fn answer(
+    stream: &mut tokio::net::TcpStream,
+    queues: &Queues,
+    global: &GlobalStats,
+    pages: &Pages,
+) {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     while len < buf.len() {
@@ -769,7 +787,8 @@ async fn answer(stream: &mut tokio::net::TcpStream, queues: &Queues, global: &Gl
     }
     let request = String::from_utf8_lossy(&buf[..len]);
     let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, kind, body) = match path.split('?').next().unwrap_or("") {
+    let path = path.split('?').next().unwrap_or("");
+    let (status, kind, body) = match path {
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4",
@@ -781,14 +800,18 @@ async fn answer(stream: &mut tokio::net::TcpStream, queues: &Queues, global: &Gl
             "text/plain",
             "not connected to the broker\n".to_owned(),
         ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /healthz\n".to_owned(),
-        ),
+        _ => match pages(path) {
+            Some(page) => ("200 OK", page.kind, page.body),
+            None => (
+                "404 Not Found",
+                "text/plain",
+                "try /metrics, /healthz or /status\n".to_owned(),
+            ),
+        },
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+         X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;

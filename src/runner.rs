@@ -59,6 +59,9 @@ pub struct Job<'a> {
     /// Log at most this many lines of output, stdout and stderr together.
     pub max_log_lines: usize,
     pub log: &'a LogContext,
+    /// Given the worker's pid once it has started (the status page shows
+    /// it).
+    pub pid_to: Option<&'a std::sync::atomic::AtomicU32>,
 }
 
 /// How a run ended, with what it wrote.
@@ -134,6 +137,9 @@ pub async fn run(
         }
     };
     let pid = child.id();
+    if let (Some(to), Some(pid)) = (job.pid_to, pid) {
+        to.store(pid, Ordering::Relaxed);
+    }
     // Known to the reaper (as PID 1) until tokio has its status.
     let _worker = spawning.started(pid);
     let pgid = pid.map(|p| p as i32).unwrap_or(0);
@@ -647,6 +653,7 @@ mod tests {
             capture_stdout: 1 << 20,
             max_log_lines: 1000,
             log,
+            pid_to: None,
         }
     }
 

@@ -6,7 +6,7 @@
 use crate::config::{self, Config, QueueConfig};
 use crate::metrics::{self, QueueView};
 use crate::state::{QueueState, Shared};
-use crate::{broker, consumer, systemd};
+use crate::{broker, consumer, status, systemd};
 use futures_lite::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -134,7 +134,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), String> {
         Arc::new(move || shared.drain.stop.is_cancelled() && shared.drain.tracker.is_empty())
     });
     if let Some(addr) = cfg.metrics_listen {
-        metrics::serve(addr, queue_views(&shared), shared.stats.clone()).await?;
+        let pages = status::pages(shared.clone(), cfg.status_stderr);
+        metrics::serve(addr, queue_views(&shared), shared.stats.clone(), pages).await?;
     }
 
     let name = format!(

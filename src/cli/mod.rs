@@ -1,18 +1,22 @@
 //! The command-line tools beside `run`, one file each: [`publish`](mod@publish)
 //! (test messages with confirms, and tasks with their replies),
 //! [`check`](mod@check) (config, commands, broker), and [`dead`] (list,
-//! replay and purge dead letters); [`session`] is their broker connection.
+//! replay and purge dead letters), [`status`](mod@status) (the status page
+//! of a running supervisor, as tables); [`session`] is their broker
+//! connection.
 
 pub mod check;
 pub mod dead;
 pub mod publish;
 pub mod session;
+pub mod status;
 
 pub use check::check;
 pub use dead::{DeadEntry, dead_list, dead_purge, dead_replay};
 pub use publish::{
     PublishArgs, check_publish_args, parse_duration_arg, parse_header, parse_reply_timeout, publish,
 };
+pub use status::{StatusArgs, status};
 
 use crate::config;
 

@@ -76,6 +76,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Address of the Prometheus endpoint, if any.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How much of a failed worker's stderr the status page shows.
+    pub status_stderr: StatusStderr,
     /// The key of signed control headers: `key_file`'s, else a random one
     /// for this process.
     pub signing_key: crate::signing::SigningKey,
@@ -248,6 +250,22 @@ impl QueueConfig {
     }
 }
 
+/// `[metrics] status_stderr`: how much of the last failed worker's stderr
+/// the status page shows (it is the worker's output, and may quote the
+/// message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StatusStderr {
+    /// None of it.
+    Off,
+    /// Its last non-empty line, cut to 200 characters: what the log line
+    /// of a dead letter shows.
+    #[default]
+    Line,
+    /// The last 4 KiB that amqp-exec keeps (what the dead letter's
+    /// `x-amqp-exec-stderr` header carries).
+    Tail,
+}
+
 /// Name of the dead-letter queue of `queue`.
 pub fn dead_queue_name(queue: &str) -> String {
     format!("{queue}.dead")
@@ -343,6 +361,20 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         None => crate::signing::SigningKey::random(),
     };
 
+    let status_stderr = match raw
+        .metrics
+        .as_ref()
+        .and_then(|m| m.status_stderr.as_deref())
+    {
+        None | Some("line") => StatusStderr::Line,
+        Some("off") => StatusStderr::Off,
+        Some("tail") => StatusStderr::Tail,
+        Some(other) => {
+            return Err(err(format!(
+                "[metrics] key `status_stderr`: {other:?} is not one of \"off\", \"line\", \"tail\""
+            )));
+        }
+    };
     let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
         Some(addr) => Some(addr.parse().map_err(|_| {
             err(format!(
@@ -358,6 +390,7 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         max_workers,
         shutdown_grace,
         metrics_listen,
+        status_stderr,
         signing_key,
         queues,
     })
@@ -692,6 +725,14 @@ mod tests {
             "[metrics]\nlisten = \"nowhere\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
         );
         assert!(e.contains("[metrics]") && e.contains("nowhere"), "{e}");
+        assert_eq!(c.status_stderr, StatusStderr::Line);
+        let c =
+            p("[metrics]\nstatus_stderr = \"tail\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n");
+        assert_eq!(c.unwrap().status_stderr, StatusStderr::Tail);
+        let e = error_of(
+            "[metrics]\nstatus_stderr = \"all\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
+        );
+        assert!(e.contains("`status_stderr`") && e.contains("all"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub(super) struct RawTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMetrics {
     pub(super) listen: Option<String>,
+    pub(super) status_stderr: Option<String>,
 }
 
 /// A size: a number of bytes, or a string with a unit ("512K", "64M", "1G").

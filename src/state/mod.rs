@@ -7,16 +7,20 @@
 //! - [`readiness`]: what systemd is told;
 //! - [`queues`]: each configured queue's state, and the registry that
 //!   reloads replace entries of, and the running workers (each queue's
-//!   count, summed).
+//!   count, summed);
+//! - [`activity`]: the jobs in progress and each queue's recent activity,
+//!   for the status page.
 //!
 //! [`Shared`] bundles them with the worker slots, the memory of messages,
 //! the signing key and the connection counters.
 
+pub mod activity;
 pub mod budget;
 pub mod drain;
 pub mod queues;
 pub mod readiness;
 
+pub use activity::Activity;
 pub use budget::{DeliveryInHand, JobBudget};
 pub use drain::Drain;
 pub use queues::{QueueState, Registry};
@@ -44,6 +48,8 @@ pub struct Shared {
     /// does not change it).
     pub signing_key: SigningKey,
     pub stats: Arc<GlobalStats>,
+    /// The jobs in progress.
+    pub activity: Arc<Activity>,
 }
 
 impl Shared {
@@ -65,6 +71,7 @@ impl Shared {
             memory: Arc::default(),
             signing_key: cfg.signing_key.clone(),
             stats: Arc::new(stats),
+            activity: Arc::default(),
         }
     }
 

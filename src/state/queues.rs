@@ -1,7 +1,8 @@
 //! The queues now configured: each one's settings and live state (worker
-//! slots, counters, pause signal, stop token), and the registry that reloads
-//! replace entries of.
+//! slots, counters, recent activity, pause signal, stop token), and the
+//! registry that reloads replace entries of.
 
+use super::activity::QueueActivity;
 use crate::config::QueueConfig;
 use crate::metrics::QueueStats;
 use crate::slots::QueueSlots;
@@ -34,6 +35,8 @@ pub struct QueueState {
     /// The environment every worker of the queue starts with.
     pub base_env: Vec<(OsString, OsString)>,
     pub stats: Arc<QueueStats>,
+    /// Its consumer's state and recent outcomes, for the status page.
+    pub activity: Arc<QueueActivity>,
     /// Set (and so signalled) by a job when the queue must pause: its
     /// worker could not be started, or its outcome could not be recorded
     /// with the broker. Why.
@@ -66,6 +69,7 @@ impl QueueState {
             slots: registry.slots.for_queue(&cfg.name, cfg.concurrency),
             base_env: worker_env(&cfg),
             stats: old.map_or_else(|| registry.new_stats(), |o| o.stats.clone()),
+            activity: old.map_or_else(Default::default, |o| o.activity.clone()),
             pause: watch::Sender::new(String::new()),
             stop: stop.child_token(),
             previous: Mutex::new(old.cloned()),
