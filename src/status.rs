@@ -56,8 +56,9 @@ pub struct QueueReport {
     pub state: String,
     /// Why it is paused, or its channel error.
     pub reason: Option<String>,
-    /// Since when it is in this state (RFC 3339).
+    /// Since when it is in this state (RFC 3339), and for how long.
     pub since: String,
+    pub since_secs: f64,
     /// Jobs in progress.
     pub busy: usize,
     /// Its `concurrency`.
@@ -176,6 +177,7 @@ pub fn snapshot(shared: &Shared, stderr: StatusStderr) -> Report {
                 state: state.to_owned(),
                 reason,
                 since: rfc3339(recent.since),
+                since_secs: ago(now, recent.since),
                 busy: busy.get(&*q.name).copied().unwrap_or(0),
                 concurrency: q.cfg.concurrency,
                 rates: JOB_ENDS
@@ -288,6 +290,8 @@ pub fn human_secs(secs: f64) -> String {
     let s = secs.max(0.0);
     if s < 60.0 {
         format!("{s:.1}s")
+    } else if s < 3600.0 && s % 60.0 < 1.0 {
+        format!("{}m", (s / 60.0) as u64)
     } else if s < 3600.0 {
         format!("{}m {}s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
@@ -342,22 +346,23 @@ pub fn render_html(report: &Report) -> String {
     );
 
     h.push_str(
-        "<h2>Queues</h2>\n<table id=\"queues\"><tr><th>Queue</th><th>State</th><th>Busy</th>",
+        "<h2>Queues</h2>\n<table id=\"queues\"><tr><th>Queue</th><th>State</th><th>Jobs / concurrency</th>",
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<th>Rates (last {}s)</th><th>Totals</th><th>Last failure</th><th>Dead letters</th></tr>\n",
+        "<th>Rates (last {}s)</th><th>Totals since start</th><th>Last failure</th><th>Dead letters</th></tr>",
         report.rate_window_secs
     );
     for q in &report.queues {
-        let state = match &q.reason {
-            Some(why) => format!(
-                "<span class=\"{0}\">{0}</span><br>{1}",
-                escape(&q.state),
-                escape(why)
-            ),
-            None => format!("<span class=\"{0}\">{0}</span>", escape(&q.state)),
-        };
+        let mut state = format!(
+            "<span class=\"{0}\">{0}</span> <span class=\"muted\" title=\"since {1}\">for {2}</span>",
+            escape(&q.state),
+            escape(&q.since),
+            human_secs(q.since_secs)
+        );
+        if let Some(why) = &q.reason {
+            let _ = write!(state, "<br><span class=\"reason\">{}</span>", escape(why));
+        }
         let totals: Vec<String> = JOB_ENDS
             .iter()
             .filter_map(|k| {
@@ -370,10 +375,10 @@ pub fn render_html(report: &Report) -> String {
         let failure = match &q.last_failure {
             None => "<span class=\"muted\">none</span>".to_owned(),
             Some(f) => format!(
-                "exit <b>{}</b>, {} ago ({})<br>message {} attempt {}{}",
+                "exit <b>{}</b>, <span title=\"{}\">{} ago</span><br>message {} attempt {}{}",
                 escape(&f.exit),
-                human_secs(f.ago_secs),
                 escape(&f.at),
+                human_secs(f.ago_secs),
                 escape(&f.message_id),
                 f.attempt,
                 f.stderr
@@ -385,10 +390,10 @@ pub fn render_html(report: &Report) -> String {
         let dead = match q.dead_letters.recent.first() {
             None => format!("{}", q.dead_letters.count),
             Some(d) => format!(
-                "{} &middot; newest {} ago ({}):<br>message {} attempt {}: {}",
+                "{} &middot; newest <span title=\"{}\">{} ago</span>:<br>message {} attempt {}: {}",
                 q.dead_letters.count,
-                human_secs(d.ago_secs),
                 escape(&d.at),
+                human_secs(d.ago_secs),
                 escape(&d.message_id),
                 d.attempt,
                 escape(&d.why)
@@ -396,10 +401,9 @@ pub fn render_html(report: &Report) -> String {
         };
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{state}<br><span class=\"muted\">since {}</span></td><td>{} / {}</td>\
+            "<tr><td>{}</td><td>{state}</td><td>{} / {}</td>\
              <td>{}</td><td>{}</td><td>{failure}</td><td>{dead}</td></tr>",
             escape(&q.name),
-            escape(&q.since),
             q.busy,
             q.concurrency,
             rates_text(&q.rates),
@@ -460,10 +464,10 @@ pub fn render_html(report: &Report) -> String {
             for d in &q.dead_letters.recent {
                 let _ = writeln!(
                     h,
-                    "<tr><td>{}</td><td>{} ago ({})</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td>{}</td><td title=\"{}\">{} ago</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                     escape(&q.name),
-                    human_secs(d.ago_secs),
                     escape(&d.at),
+                    human_secs(d.ago_secs),
                     escape(&d.message_id),
                     d.attempt,
                     escape(&d.why)
@@ -495,6 +499,7 @@ mod tests {
                 state: "paused".into(),
                 reason: Some("cannot start \"<x>\"".into()),
                 since: "2026-01-01T00:00:00Z".into(),
+                since_secs: 12.0,
                 busy: 1,
                 concurrency: 4,
                 rates: [("ok".to_owned(), 0.5), ("dead".to_owned(), 0.0)].into(),
@@ -581,6 +586,7 @@ mod tests {
         assert_eq!(human_secs(4.24), "4.2s");
         assert_eq!(human_secs(192.0), "3m 12s");
         assert_eq!(human_secs(7500.0), "2h 5m");
+        assert_eq!(human_secs(300.0), "5m");
         assert_eq!(rates_text(&BTreeMap::new()), "idle");
     }
 }

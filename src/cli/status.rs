@@ -292,10 +292,10 @@ pub fn render_text(r: &Report) -> String {
         if let Some(why) = &q.reason {
             let _ = writeln!(
                 out,
-                "{} {} since {}: {}",
+                "{} {} for {}: {}",
                 term(&q.name),
                 term(&q.state),
-                term(&q.since),
+                human_secs(q.since_secs),
                 term(why)
             );
         }
