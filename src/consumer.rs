@@ -87,7 +87,11 @@ pub async fn run_queue(
     let mut channel_retry = CHANNEL_RETRY;
     let mut declared = !queue.cfg.declare;
     let mut reported_ready = false;
-    queue.activity.set_state(ConsumerState::Starting);
+    // After a reload, the consumer this one replaces keeps the state
+    // (shared with it) until this one consumes.
+    if queue.takes_over().is_none_or(|p| p.stop.is_cancelled()) {
+        queue.activity.set_state(ConsumerState::Starting);
+    }
     loop {
         if queue.stop.is_cancelled() || conn_lost.is_cancelled() {
             break;

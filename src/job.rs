@@ -312,18 +312,17 @@ fn note_activity(
         }
         (Settled::Lost, _) => JobEnd::Unsettled,
     };
-    let now = SystemTime::now();
     let failed = !matches!(ended.outcome, Outcome::Exit(0) | Outcome::Interrupted)
         && (ran || ended.outcome == Outcome::SpawnFailed);
     let failure = failed.then(|| activity::Failure {
-        at: now,
+        at: SystemTime::now(),
         message_id: job.message_id.to_string(),
         attempt: job.attempt,
         exit: ended.outcome.label(),
         stderr_tail: ended.stderr_or_reason.clone(),
     });
     let dead = (end == JobEnd::Dead).then(|| activity::DeadLetter {
-        at: now,
+        at: SystemTime::now(),
         message_id: job.message_id.to_string(),
         attempt: job.attempt,
         why: match ended.outcome {

@@ -241,7 +241,7 @@ pub fn snapshot(shared: &Shared, stderr: StatusStderr) -> Report {
                         "starting"
                     }
                     .to_owned(),
-                    started_at: rfc3339(j.started_at),
+                    started_at: rfc3339(now.checked_sub(j.started.elapsed()).unwrap_or(now)),
                     running_secs: j.started.elapsed().as_secs_f64(),
                     timeout_secs: j.timeout.as_secs_f64(),
                 }

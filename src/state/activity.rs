@@ -37,7 +37,6 @@ pub struct RunningJob {
     pub message_id: Box<str>,
     pub attempt: u32,
     pub started: Instant,
-    pub started_at: SystemTime,
     pub timeout: Duration,
     /// The worker's pid once it has started; 0 before.
     pub pid: AtomicU32,
@@ -57,7 +56,6 @@ impl RunningJob {
             message_id,
             attempt,
             started: Instant::now(),
-            started_at: SystemTime::now(),
             timeout,
             pid: AtomicU32::new(0),
             settling: AtomicBool::new(false),
