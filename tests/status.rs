@@ -375,6 +375,39 @@ fn status_says_when_nothing_answers() {
         "{err}"
     );
 
+    // --watch keeps trying, and says so each time.
+    let watch = Command::new(BIN)
+        .args([
+            "status",
+            "--watch",
+            "0.2",
+            "--url",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run amqp-exec status --watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        running(watch.id() as i32),
+        "status --watch ended when nothing answered"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = watch.wait_with_output().expect("status --watch output");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.matches("\u{1b}[H\u{1b}[2J").count() >= 3
+            && screen.matches("nothing answers").count() >= 3
+            && screen.contains("(trying again)"),
+        "{screen:?}"
+    );
+
     let (code, _, err) = cli(&["status", "--url", "https://127.0.0.1:1"], None);
     assert_eq!(code.code(), Some(2), "{err}");
     assert!(err.contains("--url") && err.contains("plain http"), "{err}");
