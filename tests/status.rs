@@ -423,4 +423,11 @@ fn status_says_when_nothing_answers() {
         err.contains("[metrics] listen") && err.contains("--url"),
         "{err}"
     );
+    let missing = work.file("missing.toml");
+    let (code, _, err) = cli(&["--config", missing.to_str().unwrap(), "status"], None);
+    assert_eq!(code.code(), Some(78), "{err}");
+    assert!(
+        err.contains("missing.toml") && err.contains("--url"),
+        "{err}"
+    );
 }

@@ -72,7 +72,12 @@ pub fn reachable(listen: std::net::SocketAddr) -> String {
 
 /// The listener of the config at `path`: its `[metrics] listen`.
 pub fn addr_from_config(path: &std::path::Path) -> Result<String, Failure> {
-    let cfg = crate::config::load(path, None)?;
+    let cfg = crate::config::load(path, None).map_err(|e| {
+        Failure::new(
+            crate::config::EX_CONFIG,
+            format!("{e} (status reads the listener's address from it; or give --url)"),
+        )
+    })?;
     match cfg.metrics_listen {
         Some(listen) => Ok(reachable(listen)),
         None => Err(Failure::new(
