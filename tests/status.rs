@@ -363,6 +363,48 @@ async fn the_page_loads_in_chromium_and_escapes_hostile_ids() {
     broker.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_what_the_page_shows_of_a_queue() {
+    let mut broker = Broker::connect().await;
+    let q = unique("st-reload");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let port = free_port();
+    broker.publish_id(&q, "before-reload", b"").await;
+    let config = |concurrency: u32| {
+        format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[queue]]\nname = \"{q}\"\n\
+             command = [\"/bin/sh\", \"-c\", \"echo nope >&2; exit 4\"]\nmax_attempts = 1\n\
+             concurrency = {concurrency}\n"
+        )
+    };
+    let mut sup = Supervisor::start(&work, &config(1), &[]);
+    wait_report(port, Duration::from_secs(20), "a dead letter", |r| {
+        queue(r, &q)["dead_letters"]["count"] == 1
+    })
+    .await;
+    work.write("config.toml", &config(3));
+    sup.signal(nix::sys::signal::Signal::SIGHUP);
+    sup.wait_log("reload done", Duration::from_secs(10)).await;
+    let report = wait_report(
+        port,
+        Duration::from_secs(10),
+        "the new concurrency, consuming",
+        |r| queue(r, &q)["concurrency"] == 3 && queue(r, &q)["state"] == "consuming",
+    )
+    .await;
+    let s = queue(&report, &q);
+    assert_eq!(
+        s["dead_letters"]["recent"][0]["message_id"],
+        "before-reload"
+    );
+    assert_eq!(s["last_failure"]["exit"], "4");
+    assert_eq!(s["last_failure"]["stderr"], "nope");
+    assert_eq!(report["queues"].as_array().unwrap().len(), 1);
+    stop(&mut sup).await;
+    broker.cleanup().await;
+}
+
 #[test]
 fn status_says_when_nothing_answers() {
     let port = free_port();
