@@ -285,6 +285,15 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// A message id for the page; a message without one says so.
+fn message_id_html(id: &str) -> String {
+    if id.is_empty() {
+        "<span class=\"muted\">(no id)</span>".to_owned()
+    } else {
+        escape(id)
+    }
+}
+
 /// A duration in seconds as "4.2s", "3m 12s", "2h 5m".
 pub fn human_secs(secs: f64) -> String {
     let s = secs.max(0.0);
@@ -379,7 +388,7 @@ pub fn render_html(report: &Report) -> String {
                 escape(&f.exit),
                 escape(&f.at),
                 human_secs(f.ago_secs),
-                escape(&f.message_id),
+                message_id_html(&f.message_id),
                 f.attempt,
                 f.stderr
                     .as_deref()
@@ -394,7 +403,7 @@ pub fn render_html(report: &Report) -> String {
                 q.dead_letters.count,
                 escape(&d.at),
                 human_secs(d.ago_secs),
-                escape(&d.message_id),
+                message_id_html(&d.message_id),
                 d.attempt,
                 escape(&d.why)
             ),
@@ -430,7 +439,7 @@ pub fn render_html(report: &Report) -> String {
                 "<tr><td>{}</td><td class=\"message-id\">{}</td><td>{}</td><td>{}</td><td>{}</td>\
                  <td>{}</td><td>{}</td></tr>",
                 escape(&j.queue),
-                escape(&j.message_id),
+                message_id_html(&j.message_id),
                 j.attempt,
                 j.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 escape(&j.phase),
@@ -468,7 +477,7 @@ pub fn render_html(report: &Report) -> String {
                     escape(&q.name),
                     escape(&d.at),
                     human_secs(d.ago_secs),
-                    escape(&d.message_id),
+                    message_id_html(&d.message_id),
                     d.attempt,
                     escape(&d.why)
                 );
@@ -552,6 +561,7 @@ mod tests {
         assert!(page.contains("http-equiv=\"refresh\""));
         assert!(page.contains("0.50/s ok"));
         assert!(page.contains("1m 15s"));
+        assert!(render_html(&report("")).contains("(no id)"));
     }
 
     #[test]

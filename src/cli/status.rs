@@ -220,6 +220,15 @@ pub fn term(text: &str) -> String {
         .collect()
 }
 
+/// A message id for the terminal; a message without one says so.
+fn id_text(id: &str) -> String {
+    if id.is_empty() {
+        "(no id)".to_owned()
+    } else {
+        term(id)
+    }
+}
+
 /// Columns padded to their widest cell.
 fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
@@ -314,7 +323,7 @@ pub fn render_text(r: &Report) -> String {
             .map(|j| {
                 vec![
                     term(&j.queue),
-                    term(&j.message_id),
+                    id_text(&j.message_id),
                     j.attempt.to_string(),
                     j.pid.map_or_else(|| "-".into(), |p| p.to_string()),
                     term(&j.phase),
@@ -355,7 +364,7 @@ pub fn render_text(r: &Report) -> String {
                 term(&f.exit),
                 human_secs(f.ago_secs),
                 term(&f.at),
-                term(&f.message_id),
+                id_text(&f.message_id),
                 f.attempt
             );
             if let Some(stderr) = &f.stderr {
@@ -374,7 +383,7 @@ pub fn render_text(r: &Report) -> String {
                 vec![
                     term(&q.name),
                     format!("{} ago", human_secs(d.ago_secs)),
-                    term(&d.message_id),
+                    id_text(&d.message_id),
                     d.attempt.to_string(),
                     term(&d.why),
                 ]
