@@ -22,6 +22,8 @@
 //!   - [`runner`] — spawning a worker and collecting its output;
 //!   - [`publish`] — confirmed publishing, and acks;
 //! - below those, used by several:
+//!   - [`trace`] — W3C trace context of jobs, their OpenTelemetry spans
+//!     and the OTLP export;
 //!   - [`broker`] — connecting, queue topology;
 //!   - [`config`] — the TOML file, validated into typed structs;
 //!   - [`policy`] — exit code + attempt → decision (pure);
@@ -57,4 +59,5 @@ pub mod status;
 pub mod supervisor;
 pub mod systemd;
 pub mod tls;
+pub mod trace;
 pub mod uri;

@@ -78,6 +78,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How much of a failed worker's stderr the status page shows.
     pub status_stderr: StatusStderr,
+    /// The `[tracing]` table.
+    pub tracing: TracingConfig,
     /// The key of signed control headers: `key_file`'s, else a random one
     /// for this process.
     pub signing_key: crate::signing::SigningKey,
@@ -105,6 +107,86 @@ impl Config {
         let sum: usize = self.queues.iter().map(|q| q.concurrency).sum();
         self.max_workers.map_or(sum, |m| m.min(sum))
     }
+}
+
+/// The `[tracing]` table: OTLP span export (the `OTEL_*` environment
+/// variables override it) and new traces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracingConfig {
+    /// OTLP/HTTP base URL; `/v1/traces` is appended.
+    pub endpoint: Option<String>,
+    /// OTLP/HTTP URL of traces, used as it is.
+    pub traces_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    /// `false` turns export off, as `OTEL_SDK_DISABLED=true` does.
+    pub enabled: bool,
+    /// Start a new trace for a message without a valid `traceparent`.
+    pub new_traces: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            endpoint: None,
+            traces_endpoint: None,
+            service_name: None,
+            enabled: true,
+            new_traces: true,
+        }
+    }
+}
+
+/// The only OTLP protocol amqp-exec exports with.
+pub const OTLP_PROTOCOL: &str = "http/protobuf";
+
+/// Checks an OTLP endpoint URL: `http://` or `https://`, with a host.
+pub fn check_otlp_url(s: &str) -> Result<(), String> {
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err(format!("{s:?} is not an http:// or https:// URL")),
+        Err(e) => Err(format!("{s:?} is not a URL ({e})")),
+    }
+}
+
+/// Checks an OTLP protocol name: only [`OTLP_PROTOCOL`] is supported.
+pub fn check_otlp_protocol(s: &str) -> Result<(), String> {
+    if s == OTLP_PROTOCOL {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not supported: amqp-exec exports spans over \"{OTLP_PROTOCOL}\" (OTLP/HTTP) only"
+        ))
+    }
+}
+
+fn parse_tracing(raw: Option<RawTracing>) -> Result<TracingConfig, String> {
+    let raw = raw.unwrap_or_default();
+    for (key, v) in [
+        ("endpoint", &raw.endpoint),
+        ("traces_endpoint", &raw.traces_endpoint),
+    ] {
+        if let Some(v) = v {
+            check_otlp_url(v).map_err(|m| format!("[tracing] key `{key}`: {m}"))?;
+        }
+    }
+    if let Some(p) = &raw.protocol {
+        check_otlp_protocol(p).map_err(|m| format!("[tracing] key `protocol`: {m}"))?;
+    }
+    if raw
+        .service_name
+        .as_deref()
+        .is_some_and(|s| s.trim().is_empty())
+    {
+        return Err("[tracing] key `service_name`: must not be empty".into());
+    }
+    let d = TracingConfig::default();
+    Ok(TracingConfig {
+        endpoint: raw.endpoint,
+        traces_endpoint: raw.traces_endpoint,
+        service_name: raw.service_name,
+        enabled: raw.enabled.unwrap_or(d.enabled),
+        new_traces: raw.new_traces.unwrap_or(d.new_traces),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +466,8 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         None => None,
     };
 
+    let tracing = parse_tracing(raw.tracing).map_err(err)?;
+
     Ok(Config {
         file: path.to_owned(),
         broker,
@@ -391,6 +475,7 @@ pub fn parse(text: &str, path: &Path, amqp_url: Option<&str>) -> Result<Config, 
         shutdown_grace,
         metrics_listen,
         status_stderr,
+        tracing,
         signing_key,
         queues,
     })
@@ -733,6 +818,32 @@ mod tests {
             "[metrics]\nstatus_stderr = \"all\"\n[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n",
         );
         assert!(e.contains("`status_stderr`") && e.contains("all"), "{e}");
+    }
+
+    #[test]
+    fn tracing_table() {
+        let q = "[[queue]]\nname = \"a\"\ncommand = [\"x\"]\n";
+        let c = p(q).unwrap();
+        assert_eq!(c.tracing, TracingConfig::default());
+        assert!(c.tracing.enabled && c.tracing.new_traces);
+        let c = p(&format!(
+            "[tracing]\nendpoint = \"http://127.0.0.1:4318\"\nprotocol = \"http/protobuf\"\n\
+             service_name = \"billing\"\nnew_traces = false\n{q}"
+        ))
+        .unwrap();
+        assert_eq!(c.tracing.endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+        assert_eq!(c.tracing.service_name.as_deref(), Some("billing"));
+        assert!(!c.tracing.new_traces);
+        for (bad, key) in [
+            ("endpoint = \"127.0.0.1:4318\"", "`endpoint`"),
+            ("traces_endpoint = \"grpc://x\"", "`traces_endpoint`"),
+            ("protocol = \"grpc\"", "`protocol`"),
+            ("service_name = \" \"", "`service_name`"),
+            ("sampler = \"always_on\"", "sampler"),
+        ] {
+            let e = error_of(&format!("[tracing]\n{bad}\n{q}"));
+            assert!(e.contains("/etc/x.toml") && e.contains(key), "{e}");
+        }
     }
 
     #[test]

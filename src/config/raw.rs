@@ -26,6 +26,7 @@ pub(super) struct RawFile {
     pub(super) shutdown_grace: Option<String>,
     pub(super) key_file: Option<PathBuf>,
     pub(super) metrics: Option<RawMetrics>,
+    pub(super) tracing: Option<RawTracing>,
     #[serde(default, rename = "queue")]
     pub(super) queues: Vec<toml::Table>,
 }
@@ -57,6 +58,17 @@ pub(super) struct RawTls {
 pub(super) struct RawMetrics {
     pub(super) listen: Option<String>,
     pub(super) status_stderr: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTracing {
+    pub(super) endpoint: Option<String>,
+    pub(super) traces_endpoint: Option<String>,
+    pub(super) protocol: Option<String>,
+    pub(super) service_name: Option<String>,
+    pub(super) enabled: Option<bool>,
+    pub(super) new_traces: Option<bool>,
 }
 
 /// A size: a number of bytes, or a string with a unit ("512K", "64M", "1G").
