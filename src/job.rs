@@ -24,11 +24,13 @@ use crate::policy::{Decision, Outcome};
 use crate::publish::{self, PublishError, SettleChannel};
 use crate::runner::{self, Job, LogContext};
 use crate::settlement::{
-    self, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
+    self, Admission, Context, Delivered, Ended, Known, Plan, Recorded, ReplyBody, Settle,
+    TraceHeaders,
 };
 use crate::signing::SigningKey;
 use crate::state::activity::{self, Activity, JobEnd, RunningJob};
 use crate::state::{JobBudget, QueueState, Registry};
+use crate::trace::{self, JobTrace};
 use lapin::options::BasicNackOptions;
 use lapin::types::ShortString;
 use lapin::{Connection, message::Delivery};
@@ -143,13 +145,16 @@ pub async fn handle(
              (set by its publisher, or signed with another key_file): they are ignored"
         );
     }
+    let trace = start_trace(&delivery, &queue, &admission);
     let own_queues = parts.registry.own_queues();
     let reply_to = d.reply_to();
     let reply_allowed =
         reply_to.is_some_and(|to| settlement::reply_allowed(to, cfg, &own_queues).is_ok());
+    let mut pid = None;
     let (ended, ran) = match admission.skip.take() {
         None => {
-            let env = message_env(&delivery, &queue, attempt, admission.user_id.as_deref());
+            let mut env = message_env(&delivery, &queue, attempt, admission.user_id.as_deref());
+            env.extend(trace.worker_env());
             let job = Job {
                 command: &cfg.command,
                 base_env: &queue.base_env,
@@ -173,7 +178,10 @@ pub async fn handle(
             if let (1, Some(ts)) = (attempt, props.timestamp()) {
                 queue.stats.observe_queue_wait(*ts, SystemTime::now());
             }
+            let span = trace.spawn(&cfg.command[0]);
             let result = runner::run(job, &parts.interrupt, lost).await;
+            span.exited(result.pid, &result.outcome);
+            pid = result.pid;
             if let Some(kind) = result.spawn_error {
                 queue.stats.count_spawn_failure(SpawnCause::of(Some(kind)));
             }
@@ -206,6 +214,10 @@ pub async fn handle(
         now: SystemTime::now(),
         key: &parts.signing_key,
         own_queues: &own_queues,
+        trace: trace.traceparent().map(|traceparent| TraceHeaders {
+            traceparent,
+            tracestate: trace.tracestate(),
+        }),
     };
     let plan = settlement::plan(d, cfg, &admission, &ended, ctx);
     if let (Some(why), Some(to)) = (&plan.refused_reply, reply_to) {
@@ -235,7 +247,7 @@ pub async fn handle(
     guard.settling();
     let settled = tokio::select! {
         biased;
-        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log) => settled,
+        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log, &trace) => settled,
         _ = settler.lost.cancelled() => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "the channel or connection was lost while the job was being settled; the broker will redeliver the message");
@@ -258,6 +270,15 @@ pub async fn handle(
         ran.is_some(),
         &running.job,
     );
+    trace.finish(&trace::JobEnd {
+        pid,
+        outcome: Some(&ended.outcome),
+        settled: match (settled, plan.decision) {
+            (Settled::Lost, _) => "lost",
+            (Settled::Requeued, _) => "requeue",
+            (Settled::Acked, d) => decision_label(d),
+        },
+    });
     if ended.outcome == Outcome::SpawnFailed {
         let why = String::from_utf8_lossy(&ended.stderr_or_reason).into_owned();
         queue.pause.send_modify(|last| *last = why);
@@ -337,6 +358,40 @@ fn note_activity(
         },
     });
     queue.activity.job_ended(end, failure, dead);
+}
+
+fn decision_label(d: Decision) -> &'static str {
+    match d {
+        Decision::Ack => "ack",
+        Decision::Drop => "drop",
+        Decision::Retry { .. } => "retry",
+        Decision::DeadLetter => "dead",
+        Decision::Requeue => "requeue",
+    }
+}
+
+/// The job's trace context: the message's, continued; counts an invalid
+/// one.
+fn start_trace(delivery: &Delivery, queue: &QueueState, admission: &Admission) -> JobTrace {
+    let props = &delivery.properties;
+    let h = props.headers().as_ref();
+    let trace = JobTrace::start(&trace::Delivery {
+        queue: &queue.name,
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        delivery_tag: delivery.delivery_tag,
+        message_id: props.message_id().as_ref().map(|s| s.as_str()),
+        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
+        body_size: delivery.data.len(),
+        attempt: admission.attempt,
+        headers: h,
+        // Our own signed retry: its traceparent is the previous attempt's.
+        retried: !admission.forged && headers::int(h, ATTEMPT_HEADER).is_some(),
+    });
+    if trace.invalid.is_some() {
+        metrics::inc(&queue.stats.invalid_trace_context);
+    }
+    trace
 }
 
 /// Says why a worker was not started.
@@ -429,29 +484,32 @@ async fn execute(
     attempt: u32,
     ended: &Ended,
     log: &LogContext,
+    trace: &JobTrace,
 ) -> Settled {
-    if let Some(r) = &plan.republish
-        && let Err(e) =
-            republish(settler, queue, &r.queue, &delivery.data, &r.properties, log).await
-    {
-        tracing::error!(
-            queue = %log.queue, message_id = %log.message_id,
-            "could not republish to {}: {e}; the message goes back to its queue, and its outcome is \
-             kept so that it is settled without running again",
-            r.queue
-        );
-        memory.record(
-            key.clone(),
-            Recorded {
-                attempt,
-                ended: ended.clone(),
-            },
-        );
-        let requeued = requeue(delivery, log).await;
-        queue
-            .pause
-            .send_modify(|why| *why = format!("could not republish to {}: {e}", r.queue));
-        return requeued;
+    if let Some(r) = &plan.republish {
+        let span = trace.send(&r.queue);
+        let sent = republish(settler, queue, &r.queue, &delivery.data, &r.properties, log).await;
+        span.end(sent.as_ref().err());
+        if let Err(e) = sent {
+            tracing::error!(
+                queue = %log.queue, message_id = %log.message_id,
+                "could not republish to {}: {e}; the message goes back to its queue, and its outcome is \
+                 kept so that it is settled without running again",
+                r.queue
+            );
+            memory.record(
+                key.clone(),
+                Recorded {
+                    attempt,
+                    ended: ended.clone(),
+                },
+            );
+            let requeued = requeue(delivery, log).await;
+            queue
+                .pause
+                .send_modify(|why| *why = format!("could not republish to {}: {e}", r.queue));
+            return requeued;
+        }
     }
     if let Some(reply) = &plan.reply {
         let body: &[u8] = match reply.body {
@@ -465,15 +523,17 @@ async fn execute(
                 "worker output exceeds max_reply_bytes; the reply is cut");
         }
         let to = reply.to.as_str();
-        match publish::publish_reply(
+        let span = trace.send(to);
+        let sent = publish::publish_reply(
             &settler.channel,
             to,
             body,
             reply.properties.clone(),
             reply.mandatory,
         )
-        .await
-        {
+        .await;
+        span.end(sent.as_ref().err());
+        match sent {
             Ok(()) => {}
             Err(e @ (PublishError::Broker(_) | PublishError::TimedOut)) => {
                 tracing::warn!(queue = %log.queue, message_id = %log.message_id,
@@ -490,10 +550,16 @@ async fn execute(
             }
         }
     }
-    match plan.settle {
+    let span = trace.settle(match plan.settle {
+        Settle::Ack => "ack",
+        Settle::Requeue => "nack",
+    });
+    let settled = match plan.settle {
         Settle::Ack => ack(delivery, &settler.channel, log).await,
         Settle::Requeue => requeue(delivery, log).await,
-    }
+    };
+    span.end((settled == Settled::Lost).then_some(&"the channel closed first"));
+    settled
 }
 
 /// Publishes a retry or dead letter to `target` with confirms. When the

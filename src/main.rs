@@ -239,6 +239,9 @@ fn main() {
         },
         _ => None,
     };
+    if let Some(cfg) = &run_config {
+        start_tracing(cfg);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = run_config.as_ref().and_then(runtime_threads) {
         builder.worker_threads(n);
@@ -258,9 +261,25 @@ fn main() {
             Err(e) => Err(Failure::new(1, format!("internal error: {e}"))),
         }
     });
+    amqp_exec::trace::shutdown(TRACE_FLUSH);
     if let Err(f) = result {
         errln!("amqp-exec: {}", f.message);
         std::process::exit(f.code);
+    }
+}
+
+/// How long the spans still queued may take to export at exit.
+const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `[tracing]` and the `OTEL_*` variables: a mistake is a config error.
+fn start_tracing(cfg: &config::Config) {
+    match amqp_exec::trace::init(&cfg.tracing) {
+        Ok(Some(url)) => tracing::info!("exporting spans to {url}"),
+        Ok(None) => {}
+        Err(e) => {
+            errln!("amqp-exec: {e}");
+            std::process::exit(config::EX_CONFIG);
+        }
     }
 }
 

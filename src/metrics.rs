@@ -242,6 +242,9 @@ pub struct QueueStats {
     pub refused_replies: AtomicU64,
     /// Messages with control headers whose signature did not verify.
     pub forged_headers: AtomicU64,
+    /// Messages with a `traceparent`, `tracestate` or `baggage` header
+    /// that was not valid, and was ignored.
+    pub invalid_trace_context: AtomicU64,
     /// Finished runs by exit label ("0", "75", "SIGKILL", "timeout", ...).
     exits: Mutex<BTreeMap<String, u64>>,
     duration: Histogram<{ DURATION_BUCKETS.len() }>,
@@ -541,6 +544,12 @@ pub fn render(queues: &[QueueView], global: &GlobalStats) -> String {
         "counter",
         "Messages whose amqp-exec control headers had no valid signature, and were ignored.",
         per_queue(&|s| get(&s.forged_headers)),
+    );
+    family(
+        "amqp_exec_invalid_trace_context_total",
+        "counter",
+        "Messages whose traceparent, tracestate or baggage header was not valid, and was ignored.",
+        per_queue(&|s| get(&s.invalid_trace_context)),
     );
     family(
         "amqp_exec_retries_total",

@@ -15,12 +15,15 @@
 //! client, which closes the connection just the same. A dead letter's stderr tail is cut to the room left;
 //! headers copied from the publisher are dropped, largest first, only until
 //! ours (and the last `STDERR_KEPT` bytes of stderr) fit, and the names
-//! dropped are recorded in [`DROPPED_HEADER`]. `job.rs` carries plans out.
+//! dropped are recorded in [`DROPPED_HEADER`]. The retry, dead letter and
+//! reply carry the job span's trace context ([`TraceHeaders`]) in place of
+//! the publisher's. `job.rs` carries plans out.
 
 use crate::config::{QueueConfig, QueueType, Replies};
 use crate::headers;
 use crate::policy::{self, Decision, Outcome};
 use crate::signing::{SIGNATURE_HEADER, Signed, SigningKey};
+use crate::trace::{TRACEPARENT, TRACESTATE};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use std::collections::HashSet;
@@ -69,6 +72,28 @@ pub struct Context<'a> {
     /// Every queue this supervisor consumes, retries to or dead-letters to:
     /// never a reply's destination.
     pub own_queues: &'a HashSet<String>,
+    /// The job span's trace context, for the headers of every publish.
+    pub trace: Option<TraceHeaders<'a>>,
+}
+
+/// A job span's W3C trace context, as header values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceHeaders<'a> {
+    pub traceparent: &'a str,
+    pub tracestate: Option<&'a str>,
+}
+
+impl TraceHeaders<'_> {
+    fn entries(this: Option<Self>) -> impl Iterator<Item = (&'static str, AMQPValue)> {
+        this.into_iter().flat_map(|t| {
+            [
+                Some((TRACEPARENT, long_string(t.traceparent))),
+                t.tracestate.map(|s| (TRACESTATE, long_string(s))),
+            ]
+            .into_iter()
+            .flatten()
+        })
+    }
 }
 
 impl Delivered<'_> {
@@ -374,7 +399,7 @@ pub fn plan(
         Decision::Ack | Decision::Drop => Plan {
             decision,
             republish: None,
-            reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, false, ctx.frame_max)),
+            reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, false, ctx)),
             refused_reply,
             settle: Settle::Ack,
         },
@@ -389,11 +414,12 @@ pub fn plan(
             delay,
             next_attempt,
         } => {
-            let ours = vec![
+            let mut ours = vec![
                 (ATTEMPT_HEADER, AMQPValue::LongInt(clamp_i32(next_attempt))),
                 (EXIT_HEADER, label),
                 (SIGNATURE_HEADER, long_string(&sign(Some(next_attempt)))),
             ];
+            ours.extend(TraceHeaders::entries(ctx.trace));
             Plan {
                 decision,
                 republish: Some(republish(
@@ -411,13 +437,14 @@ pub fn plan(
         }
         Decision::DeadLetter => {
             let failed_at = humantime::format_rfc3339_seconds(ctx.now).to_string();
-            let ours = vec![
+            let mut ours = vec![
                 (EXIT_HEADER, label),
                 (ATTEMPTS_HEADER, AMQPValue::LongInt(clamp_i32(attempt))),
                 (FAILED_AT_HEADER, long_string(&failed_at)),
                 (QUEUE_HEADER, long_string(&cfg.name)),
                 (SIGNATURE_HEADER, long_string(&sign(None))),
             ];
+            ours.extend(TraceHeaders::entries(ctx.trace));
             let tail = String::from_utf8_lossy(&ended.stderr_or_reason);
             Plan {
                 decision,
@@ -429,7 +456,7 @@ pub fn plan(
                     Some(&tail),
                     budget,
                 )),
-                reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, true, ctx.frame_max)),
+                reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, true, ctx)),
                 refused_reply,
                 settle: Settle::Ack,
             }
@@ -502,9 +529,12 @@ fn republish(
         ours.push((USER_ID_HEADER, long_string(v)));
     }
     // The old message's delivery count, our control headers (whether they
-    // verified or not) and our other headers are replaced; the rest is the
+    // verified or not), its trace context (the job's replaces it, or none
+    // goes on) and our other headers are replaced; the rest is the
     // publisher's, and may be dropped.
     let mut replaced: Vec<&str> = vec![
+        TRACEPARENT,
+        TRACESTATE,
         DELIVERY_COUNT_HEADER,
         ATTEMPT_HEADER,
         USER_ID_HEADER,
@@ -637,9 +667,13 @@ fn make_reply(
     ended: &Ended,
     attempt: u32,
     failure: bool,
-    frame_max: usize,
+    ctx: Context<'_>,
 ) -> Reply {
+    let frame_max = ctx.frame_max;
     let mut h = FieldTable::default();
+    for (k, v) in TraceHeaders::entries(ctx.trace) {
+        h.insert(k.into(), v);
+    }
     h.insert(EXIT_HEADER.into(), long_string(&ended.outcome.label()));
     h.insert(
         ATTEMPT_HEADER.into(),
@@ -722,6 +756,7 @@ mod tests {
             now: SystemTime::UNIX_EPOCH,
             key: &KEY,
             own_queues: &OWN,
+            trace: None,
         }
     }
 
@@ -1068,6 +1103,94 @@ mod tests {
         assert!(retry.republish.unwrap().dropped.is_empty());
     }
 
+    const JOB_SPAN: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn publishes_carry_the_job_span_not_the_publishers() {
+        let cfg = queue("");
+        let mut h = FieldTable::default();
+        let publishers = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        h.insert(TRACEPARENT.into(), long_string(publishers));
+        h.insert(TRACESTATE.into(), long_string("theirs=1"));
+        h.insert("baggage".into(), long_string("k=v"));
+        let props = BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to.x".into())
+            .with_headers(h);
+        let d = delivered(&props);
+        let traced = Context {
+            trace: Some(TraceHeaders {
+                traceparent: JOB_SPAN,
+                tracestate: Some("ours=2"),
+            }),
+            ..ctx(FRAME)
+        };
+        let retry = plan(d, &cfg, &admitted(1), &ended(Outcome::Exit(1)), traced);
+        let dead = plan(d, &cfg, &admitted(3), &ended(Outcome::Exit(1)), traced);
+        let ok = plan(d, &cfg, &admitted(1), &ended(Outcome::Exit(0)), traced);
+        for p in [
+            &retry.republish.unwrap().properties,
+            &dead.republish.unwrap().properties,
+            &dead.reply.unwrap().properties,
+            &ok.reply.unwrap().properties,
+        ] {
+            assert_eq!(header(p, TRACEPARENT), Some(&long_string(JOB_SPAN)));
+            assert_eq!(header(p, TRACESTATE), Some(&long_string("ours=2")));
+        }
+        // Without a job span (new_traces = false), the publisher's context
+        // is not passed on as if it were the job's; baggage is theirs.
+        let untraced = plan_of(d, &cfg, 1, &ended(Outcome::Exit(1)), FRAME);
+        let rp = untraced.republish.unwrap().properties;
+        assert_eq!(header(&rp, TRACEPARENT), None);
+        assert_eq!(header(&rp, TRACESTATE), None);
+        assert_eq!(header(&rp, "baggage"), Some(&long_string("k=v")));
+    }
+
+    #[test]
+    fn trace_context_fits_the_frame_beside_full_headers() {
+        let cfg = queue("");
+        let state = (0..32)
+            .map(|i| format!("k{i:02}={}", "v".repeat(10)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let trace = Some(TraceHeaders {
+            traceparent: JOB_SPAN,
+            tracestate: Some(&state),
+        });
+        for slack in [0usize, 100, 1000] {
+            let base = BasicProperties::default().with_message_id("m".into());
+            let mut h = FieldTable::default();
+            h.insert("big".into(), long_string(""));
+            let pad =
+                FRAME - slack - headers::header_frame_size(&base.clone().with_headers(h.clone()));
+            h.insert("big".into(), long_string(&"b".repeat(pad)));
+            let props = base.with_headers(h);
+            let d = delivered(&props);
+            for attempt in [1, 3] {
+                let p = plan(
+                    d,
+                    &cfg,
+                    &admitted(attempt),
+                    &ended(Outcome::Exit(1)),
+                    Context {
+                        trace,
+                        ..ctx(FRAME)
+                    },
+                );
+                let r = p.republish.unwrap();
+                assert!(headers::header_frame_size(&r.properties) <= FRAME - broker_reserve(&cfg));
+                assert_eq!(
+                    header(&r.properties, TRACEPARENT),
+                    Some(&long_string(JOB_SPAN))
+                );
+                assert_eq!(
+                    header(&r.properties, TRACESTATE),
+                    Some(&long_string(&state))
+                );
+                assert_eq!(r.dropped, ["big"]);
+            }
+        }
+    }
+
     #[test]
     fn dropped_list_is_bounded() {
         let many: Vec<String> = (0..200).map(|i| format!("header-{i}")).collect();
@@ -1096,6 +1219,8 @@ mod tests {
             Just(STDERR_HEADER.to_owned()),
             Just(DROPPED_HEADER.to_owned()),
             Just(EXIT_HEADER.to_owned()),
+            Just(TRACEPARENT.to_owned()),
+            Just(TRACESTATE.to_owned()),
         ];
         proptest::collection::vec((keys, any_value()), 0..12).prop_map(|entries| {
             let mut t = FieldTable::default();
@@ -1134,6 +1259,8 @@ mod tests {
             stderr_len in 0usize..5000,
             user in proptest::option::of("[a-z]{1,255}"),
             reply_to in proptest::option::of("[a-z.]{1,255}"),
+            traced in any::<bool>(),
+            tracestate in proptest::option::of(1usize..128),
         ) {
             let cfg = queue("");
             let mut props = BasicProperties::default()
@@ -1154,10 +1281,17 @@ mod tests {
             };
             let a = admit(delivered(&props), &cfg, Known::default(), &KEY);
             let a = Admission { attempt, ..a };
-            let p = plan(delivered(&props), &cfg, &a, &e, ctx(frame_max));
+            let state = tracestate.map(|n| "k=v,".repeat(n).trim_end_matches(',').to_owned());
+            let trace = traced.then_some(TraceHeaders {
+                traceparent: JOB_SPAN,
+                tracestate: state.as_deref(),
+            });
+            let p = plan(delivered(&props), &cfg, &a, &e, Context { trace, ..ctx(frame_max) });
             if let Some(r) = &p.republish {
                 let limit = frame_max - broker_reserve(&cfg);
                 prop_assert!(headers::header_frame_size(&r.properties) <= limit);
+                let ours = traced.then(|| long_string(JOB_SPAN));
+                prop_assert_eq!(header(&r.properties, TRACEPARENT), ours.as_ref());
                 prop_assert!(header(&r.properties, EXIT_HEADER).is_some());
                 prop_assert!(header(&r.properties, DELIVERY_COUNT_HEADER).is_none());
                 prop_assert_eq!(p.settle, Settle::Ack);
@@ -1173,6 +1307,7 @@ mod tests {
             }
             if let Some(r) = &p.reply {
                 prop_assert!(headers::header_frame_size(&r.properties) <= frame_max);
+                prop_assert_eq!(header(&r.properties, TRACEPARENT).is_some(), traced);
             }
             if p.settle == Settle::Requeue {
                 prop_assert!(p.republish.is_none() && p.reply.is_none());

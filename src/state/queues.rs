@@ -24,6 +24,10 @@ const WITHHELD_ENV: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
+    // The trace context is each message's own.
+    "TRACEPARENT",
+    "TRACESTATE",
+    "BAGGAGE",
 ];
 
 /// One configured queue and its live state, kept across reconnects.
