@@ -512,7 +512,7 @@ fn reload(shared: &Shared, reloads: &Reloads) -> Vec<Arc<QueueState>> {
     let count = next.len();
     shared.registry.replace(next);
     tracing::info!(
-        "reload done: {count} queue(s); [broker], a max_workers key and [metrics] change only on restart"
+        "reload done: {count} queue(s); [broker], a max_workers key, [metrics] and [tracing] change only on restart"
     );
     if notify {
         systemd::notify_reloaded();
