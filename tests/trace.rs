@@ -575,4 +575,30 @@ fn tracing_config_errors_name_the_key_or_variable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{stderr}");
+
+    // `check` reports it too, and names where spans go when all is well.
+    let check = |var: &str, value: &str| {
+        let out = std::process::Command::new(BIN)
+            .args(["--config", good.to_str().unwrap(), "check"])
+            .env("AMQP_URL", amqp_url())
+            .env(var, value)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = check("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("tracing: error: OTEL_EXPORTER_OTLP_PROTOCOL"),
+        "{stdout}"
+    );
+    let (code, stdout) = check("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("tracing: spans go to http://collector:4318/v1/traces"),
+        "{stdout}"
+    );
 }

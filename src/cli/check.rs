@@ -1,5 +1,6 @@
 //! `amqp-exec check`: the config is valid, every command can be started,
-//! and the broker answers, with the queues that `declare = false` needs.
+//! the `OTEL_*` variables are, and the broker answers, with the queues that
+//! `declare = false` needs.
 
 use super::session::*;
 use super::{EX_UNAVAILABLE, Failure};
@@ -35,6 +36,14 @@ pub async fn check(cfg: &Config) -> Result<(), Failure> {
                 println!("queue \"{}\": error: {e}", q.name);
                 problems += 1;
             }
+        }
+    }
+    match crate::trace::export::resolve(&cfg.tracing, |k| std::env::var(k).ok()) {
+        Ok(Some(s)) => println!("tracing: spans go to {}", s.url),
+        Ok(None) => {}
+        Err(e) => {
+            println!("tracing: error: {e}");
+            problems += 1;
         }
     }
     let mut broker_ok = true;
