@@ -486,30 +486,37 @@ async fn execute(
     log: &LogContext,
     trace: &JobTrace,
 ) -> Settled {
-    if let Some(r) = &plan.republish {
-        let span = trace.send(&r.queue);
-        let sent = republish(settler, queue, &r.queue, &delivery.data, &r.properties, log).await;
-        span.end(sent.as_ref().err());
-        if let Err(e) = sent {
-            tracing::error!(
-                queue = %log.queue, message_id = %log.message_id,
-                "could not republish to {}: {e}; the message goes back to its queue, and its outcome is \
-                 kept so that it is settled without running again",
-                r.queue
-            );
-            memory.record(
-                key.clone(),
-                Recorded {
-                    attempt,
-                    ended: ended.clone(),
-                },
-            );
-            let requeued = requeue(delivery, log).await;
-            queue
-                .pause
-                .send_modify(|why| *why = format!("could not republish to {}: {e}", r.queue));
-            return requeued;
-        }
+    if let Some(r) = &plan.republish
+        && let Err(e) = trace
+            .send(&r.queue)
+            .around(republish(
+                settler,
+                queue,
+                &r.queue,
+                &delivery.data,
+                &r.properties,
+                log,
+            ))
+            .await
+    {
+        tracing::error!(
+            queue = %log.queue, message_id = %log.message_id,
+            "could not republish to {}: {e}; the message goes back to its queue, and its outcome is \
+             kept so that it is settled without running again",
+            r.queue
+        );
+        memory.record(
+            key.clone(),
+            Recorded {
+                attempt,
+                ended: ended.clone(),
+            },
+        );
+        let requeued = requeue(delivery, log).await;
+        queue
+            .pause
+            .send_modify(|why| *why = format!("could not republish to {}: {e}", r.queue));
+        return requeued;
     }
     if let Some(reply) = &plan.reply {
         let body: &[u8] = match reply.body {
@@ -523,17 +530,14 @@ async fn execute(
                 "worker output exceeds max_reply_bytes; the reply is cut");
         }
         let to = reply.to.as_str();
-        let span = trace.send(to);
         let sent = publish::publish_reply(
             &settler.channel,
             to,
             body,
             reply.properties.clone(),
             reply.mandatory,
-        )
-        .await;
-        span.end(sent.as_ref().err());
-        match sent {
+        );
+        match trace.send(to).around(sent).await {
             Ok(()) => {}
             Err(e @ (PublishError::Broker(_) | PublishError::TimedOut)) => {
                 tracing::warn!(queue = %log.queue, message_id = %log.message_id,

@@ -342,6 +342,17 @@ impl ChildSpan {
         }
     }
 
+    /// Awaits `f` within the span, and ends it, failed when `f` returns an
+    /// error.
+    pub async fn around<T, E: std::fmt::Display>(
+        self,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let result = f.await;
+        self.end(result.as_ref().err());
+        result
+    }
+
     /// Ends the span, failed with `error` when given.
     pub fn end(mut self, error: Option<&impl std::fmt::Display>) {
         if let Some(s) = &mut self.0 {
