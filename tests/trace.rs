@@ -415,6 +415,48 @@ async fn a_retry_links_to_the_attempt_before_and_the_dead_letter_carries_the_tra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_carries_the_job_span() {
+    let receiver = Receiver::start().await;
+    let mut broker = Broker::connect().await;
+    let q = unique("tracereply");
+    let replies = unique("tracereply-to");
+    broker.owns(&q);
+    broker.declare(&replies).await;
+    let work = Workdir::new();
+    let tracing = format!(
+        "[tracing]\nendpoint = \"http://127.0.0.1:{}/\"\n",
+        receiver.port
+    );
+    let cfg = config(&work, &q, &tracing) + "replies = [\"test-tracereply-to*\"]\n";
+    let mut sup =
+        Supervisor::start_with_env(&work, &cfg, &[], &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    sup.wait_log("consuming", Duration::from_secs(20)).await;
+    broker
+        .publish(
+            &q,
+            b"x",
+            with_headers("ok-r", &[("traceparent", text(&publisher_traceparent()))])
+                .with_reply_to(replies.as_str().into()),
+        )
+        .await;
+    let (_, job_span) = ids(&worker_env(&work, "ok-r", 1).await["TRACEPARENT"]);
+    let reply = first_delivery(&broker.channel, &replies).await;
+    let (t, s) = ids(&header(&reply, "traceparent").expect("the reply's traceparent"));
+    assert_eq!(
+        (t.as_str(), s.as_str()),
+        (PUBLISHER_TRACE, job_span.as_str())
+    );
+    let sent = receiver
+        .wait_spans(&format!("send {replies}"), 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(hex(&sent[0].parent_span_id), job_span);
+    assert_eq!(sent[0].kind, PRODUCER);
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(20)).await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_trace_headers_are_ignored_and_the_jobs_run() {
     let mut broker = Broker::connect().await;
     let q = unique("tracebad");
