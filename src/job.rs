@@ -708,7 +708,8 @@ fn message_env(
 ) -> Vec<(&'static str, String)> {
     let p = &delivery.properties;
     let short = |v: &Option<ShortString>| v.as_ref().map(|s| clean(s.as_str())).unwrap_or_default();
-    let mut env = Vec::with_capacity(16);
+    // Room for the trace variables the job adds.
+    let mut env = Vec::with_capacity(20);
     env.push(("AMQP_EXEC_QUEUE", queue.name.to_string()));
     env.push(("AMQP_EXEC_MESSAGE_ID", short(p.message_id())));
     env.push(("AMQP_EXEC_CORRELATION_ID", short(p.correlation_id())));
