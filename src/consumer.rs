@@ -12,6 +12,7 @@ use crate::metrics;
 use crate::publish::{CONFIRM_TIMEOUT, SettleChannel};
 use crate::runner::PIPE_DRAIN_LIMIT;
 use crate::state::activity::ConsumerState;
+use crate::state::queues::max_prefetch;
 use crate::state::{QueueState, Shared};
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -46,7 +47,7 @@ const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// and kill grace, its output drains, and its republish and reply wait for
 /// their confirms.
 pub fn worst_case_unacked(cfg: &QueueConfig) -> Duration {
-    let rounds = u32::from(cfg.prefetch).div_ceil(cfg.concurrency.max(1) as u32);
+    let rounds = u32::from(max_prefetch(cfg)).div_ceil(cfg.concurrency.max(1) as u32);
     let job = cfg.timeout + cfg.kill_grace + PIPE_DRAIN_LIMIT + CONFIRM_TIMEOUT * 2;
     let rate_wait = if cfg.max_rate.is_some() {
         Duration::from_secs(2)
@@ -225,8 +226,14 @@ async fn consume(
     {
         return End::ChannelError(format!("cannot enable publisher confirms: {e}"));
     }
+    // The adaptive prefetch, as the queue's jobs last left it.
+    let mut wanted = queue.adaptive.as_ref().map(|a| a.subscribe());
+    let prefetch = match &mut wanted {
+        Some(w) => *w.borrow_and_update(),
+        None => queue.effective_prefetch(),
+    };
     if let Err(e) = channel
-        .basic_qos(queue.effective_prefetch(), BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await
     {
         return End::ChannelError(format!("cannot set prefetch: {e}"));
@@ -242,7 +249,7 @@ async fn consume(
             cfg.name.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
-            args,
+            args.clone(),
         )
         .await
     {
@@ -263,10 +270,12 @@ async fn consume(
     tracing::info!(
         queue = %queue.name,
         concurrency = cfg.concurrency,
-        prefetch = queue.effective_prefetch(),
+        prefetch,
         "consuming"
     );
     queue.activity.set_state(ConsumerState::Consuming);
+    // The consumer replaced by a prefetch change: its deliveries come first.
+    let mut draining: Option<Consumer> = None;
     if !*reported_ready {
         *reported_ready = true;
         shared.readiness.queue_ready(true);
@@ -295,6 +304,12 @@ async fn consume(
             _ = queue.stop.cancelled() => break End::Stopped,
             _ = conn_lost.cancelled() => break End::Stopped,
             _ = pauses.changed() => break paused(queue),
+            Some(n) = prefetch_change(&mut wanted), if draining.is_none() => {
+                match switch_prefetch(&channel, &queue.name, &args, &mut consumer, &mut draining, n).await {
+                    Ok(()) => continue,
+                    Err(e) => break End::ChannelError(e),
+                }
+            }
             p = queue.slots.clone().acquire_owned() => p.expect("queue semaphore is never closed"),
         };
         // The global slot before the delivery, so that the delivery does
@@ -313,7 +328,12 @@ async fn consume(
                 _ = queue.stop.cancelled() => break None,
                 _ = conn_lost.cancelled() => break None,
                 _ = pauses.changed() => break Some(None),
-                d = consumer.next() => break Some(Some(d)),
+                d = next_delivery(&mut draining, &mut consumer) => break Some(Some(d)),
+                Some(n) = prefetch_change(&mut wanted), if draining.is_none() => {
+                    if let Err(e) = switch_prefetch(&channel, &queue.name, &args, &mut consumer, &mut draining, n).await {
+                        break Some(Some(Some(Err(e))));
+                    }
+                }
                 _ = global.contended(), if global_slot.is_some() && global.capped() => {
                     global_slot = None;
                 }
@@ -326,7 +346,7 @@ async fn consume(
         };
         let delivery = match next {
             None => break End::ChannelError("the broker cancelled the consumer".into()),
-            Some(Err(e)) => break End::ChannelError(format!("channel error: {e}")),
+            Some(Err(e)) => break End::ChannelError(e),
             Some(Ok(d)) => d,
         };
         let _held = shared.budget.delivery_arrived();
@@ -394,6 +414,9 @@ async fn consume(
     };
 
     if matches!(end, End::Stopped | End::Paused { .. }) && channel.status().connected() {
+        if let Some(mut old) = draining {
+            stop_consumer(&channel, &mut old, &queue.name, conn_lost).await;
+        }
         stop_consumer(&channel, &mut consumer, &queue.name, conn_lost).await;
     }
     if channel.status().connected() {
@@ -402,6 +425,74 @@ async fn consume(
         lost.cancel();
     }
     end
+}
+
+/// The next delivery: those of a consumer replaced by a prefetch change
+/// first, until its end, then the current consumer's. A channel error comes
+/// as its text.
+async fn next_delivery(
+    draining: &mut Option<Consumer>,
+    consumer: &mut Consumer,
+) -> Option<Result<Delivery, String>> {
+    if let Some(old) = draining {
+        match old.next().await {
+            Some(d) => return Some(d.map_err(|e| format!("channel error: {e}"))),
+            None => *draining = None,
+        }
+    }
+    consumer
+        .next()
+        .await
+        .map(|d| d.map_err(|e| format!("channel error: {e}")))
+}
+
+/// The prefetch the queue's jobs now want; never ready without an adaptive
+/// prefetch.
+async fn prefetch_change(wanted: &mut Option<tokio::sync::watch::Receiver<u16>>) -> Option<u16> {
+    match wanted {
+        Some(w) => {
+            w.changed().await.ok()?;
+            Some(*w.borrow_and_update())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies a new prefetch. RabbitMQ applies a `basic.qos` to the consumers
+/// started after it, so the consumer is cancelled and started again: the
+/// deliveries the old one already has are started first (`draining`), and
+/// no delivery is sent to both.
+async fn switch_prefetch(
+    channel: &lapin::Channel,
+    queue: &str,
+    args: &FieldTable,
+    consumer: &mut Consumer,
+    draining: &mut Option<Consumer>,
+    prefetch: u16,
+) -> Result<(), String> {
+    channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await
+        .map_err(|e| format!("cannot cancel the consumer to change the prefetch: {e}"))?;
+    let fresh = async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                args.clone(),
+            )
+            .await
+    };
+    let fresh = fresh
+        .await
+        .map_err(|e| format!("cannot consume from \"{queue}\" with prefetch {prefetch}: {e}"))?;
+    *draining = Some(std::mem::replace(consumer, fresh));
+    tracing::debug!(queue = %queue, prefetch, "prefetch changed");
+    Ok(())
 }
 
 /// A pause a job asked for, for the reason it gave.

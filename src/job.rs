@@ -179,13 +179,33 @@ pub async fn handle(
                 queue.stats.observe_queue_wait(*ts, SystemTime::now());
             }
             let span = trace.spawn(&cfg.command[0]);
-            let result = runner::run(job, &parts.interrupt, lost).await;
+            let run = runner::run(job, &parts.interrupt, lost);
+            let (result, long_job) = match &queue.adaptive {
+                // While the prefetch is raised, a job that runs long lowers
+                // it at once, not only when it ends.
+                Some(adaptive) if adaptive.raised() => {
+                    tokio::pin!(run);
+                    tokio::select! {
+                        biased;
+                        r = &mut run => (r, None),
+                        _ = tokio::time::sleep(crate::prefetch::LONG) => {
+                            let long = LongJob::started(adaptive);
+                            (run.await, Some(long))
+                        }
+                    }
+                }
+                _ => (run.await, None),
+            };
             span.exited(result.pid, &result.outcome);
             pid = result.pid;
             if let Some(kind) = result.spawn_error {
                 queue.stats.count_spawn_failure(SpawnCause::of(Some(kind)));
             }
             let ran = result.pid.map(|_| result.elapsed);
+            if let (Some(adaptive), Some(elapsed)) = (&queue.adaptive, ran) {
+                adaptive.job_ended(elapsed);
+            }
+            drop(long_job);
             let ended = Ended {
                 outcome: result.outcome,
                 stderr_or_reason: result.stderr_or_reason,
@@ -282,6 +302,22 @@ pub async fn handle(
     if ended.outcome == Outcome::SpawnFailed {
         let why = String::from_utf8_lossy(&ended.stderr_or_reason).into_owned();
         queue.pause.send_modify(|last| *last = why);
+    }
+}
+
+/// A running job past [`crate::prefetch::LONG`], until dropped.
+struct LongJob<'a>(&'a crate::prefetch::Adaptive);
+
+impl<'a> LongJob<'a> {
+    fn started(adaptive: &'a crate::prefetch::Adaptive) -> Self {
+        adaptive.long_job_started();
+        LongJob(adaptive)
+    }
+}
+
+impl Drop for LongJob<'_> {
+    fn drop(&mut self) {
+        self.0.long_job_ended();
     }
 }
 

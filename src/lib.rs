@@ -27,6 +27,8 @@
 //!   - [`broker`] — connecting, queue topology;
 //!   - [`config`] — the TOML file, validated into typed structs;
 //!   - [`policy`] — exit code + attempt → decision (pure);
+//!   - [`prefetch`] — recent job durations → adaptive prefetch (pure, with
+//!     its holder);
 //!   - [`signing`] — HMAC signatures of the control headers amqp-exec reads;
 //!   - [`slots`] — the global and per-queue worker slots;
 //!   - [`headers`] — AMQP headers: JSON, sizes, filters;
@@ -47,6 +49,7 @@ pub mod job;
 pub mod memory;
 pub mod metrics;
 pub mod policy;
+pub mod prefetch;
 pub mod publish;
 pub mod random;
 pub mod reaper;

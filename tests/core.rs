@@ -126,6 +126,88 @@ async fn concurrency_is_reached_and_never_exceeded() {
     broker.cleanup().await;
 }
 
+/// The prefetch of `queue`'s consumers, as the broker reports them.
+fn consumer_prefetch(queue: &str) -> Vec<u32> {
+    rabbitmqctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "prefetch_count",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == queue).then(|| f.next()?.parse().ok())?
+    })
+    .collect()
+}
+
+/// Polls until `queue`'s one consumer has prefetch `n`; false after `limit`.
+async fn prefetch_becomes(queue: &str, n: u32, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if consumer_prefetch(queue) == [n] {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Without a `prefetch` key, the prefetch follows the jobs: a run of short
+/// jobs raises it above `concurrency`, and a job that runs long lowers it
+/// back while it is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefetch_rises_for_short_jobs_and_falls_for_a_long_one() {
+    let mut broker = Broker::connect().await;
+    let q = unique("adaptive");
+    broker.declare(&q).await;
+    let work = Workdir::new();
+    let config = format!(
+        r#"
+[[queue]]
+name = "{q}"
+command = ["/bin/sh", "-c", "if [ \"$AMQP_EXEC_MESSAGE_ID\" = long ]; then sleep 4; fi"]
+concurrency = 1
+"#
+    );
+    let mut sup = Supervisor::start(&work, &config, &[]);
+    sup.wait_log("consuming", Duration::from_secs(20)).await;
+    assert!(
+        prefetch_becomes(&q, 1, Duration::from_secs(5)).await,
+        "prefetch at start: {:?}",
+        consumer_prefetch(&q)
+    );
+
+    for i in 0..40 {
+        broker.publish_id(&q, &format!("short-{i}"), b"x").await;
+    }
+    broker.wait_count(&q, 0, Duration::from_secs(30)).await;
+    assert!(
+        prefetch_becomes(&q, 2, Duration::from_secs(10)).await,
+        "after 40 short jobs the prefetch is {:?}, not concurrency + 1",
+        consumer_prefetch(&q)
+    );
+
+    let published = std::time::Instant::now();
+    broker.publish_id(&q, "long", b"x").await;
+    assert!(
+        prefetch_becomes(&q, 1, Duration::from_secs(3)).await,
+        "a job running long left the prefetch at {:?}",
+        consumer_prefetch(&q)
+    );
+    assert!(
+        published.elapsed() < Duration::from_secs(4),
+        "the prefetch went down only after the long job ended"
+    );
+
+    sup.signal(nix::sys::signal::Signal::SIGTERM);
+    sup.wait_success(Duration::from_secs(30)).await;
+    assert_eq!(broker.count(&q).await, Some(0));
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_workers_caps_two_queues_that_run_at_once() {
     let mut broker = Broker::connect().await;

@@ -285,6 +285,9 @@ pub struct QueueConfig {
     pub command: Vec<String>,
     pub concurrency: usize,
     pub prefetch: u16,
+    /// No `prefetch` key: the prefetch adapts to the jobs' durations (see
+    /// [`crate::prefetch`]).
+    pub prefetch_adapts: bool,
     pub env: BTreeMap<String, String>,
     pub clear_env: bool,
     pub working_dir: Option<PathBuf>,

@@ -540,6 +540,7 @@ pub(super) fn validate_queue(raw: RawQueue) -> Result<QueueConfig, String> {
         command,
         concurrency,
         prefetch: prefetch as u16,
+        prefetch_adapts: raw.prefetch.is_none(),
         env: raw.env.unwrap_or_default(),
         clear_env: raw.clear_env.unwrap_or(false),
         working_dir: raw.working_dir,

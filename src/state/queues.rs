@@ -5,6 +5,7 @@
 use super::activity::QueueActivity;
 use crate::config::QueueConfig;
 use crate::metrics::QueueStats;
+use crate::prefetch::{self, Adaptive};
 use crate::slots::QueueSlots;
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -55,6 +56,9 @@ pub struct QueueState {
     next_start: tokio::sync::Mutex<tokio::time::Instant>,
     /// The log said once that `replies = "off"` ignores `reply_to`.
     pub replies_off_noted: AtomicBool,
+    /// The prefetch adapting to the jobs' durations, when the queue sets no
+    /// `prefetch` (see [`crate::prefetch`]).
+    pub adaptive: Option<Adaptive>,
 }
 
 impl QueueState {
@@ -79,6 +83,7 @@ impl QueueState {
             previous: Mutex::new(old.cloned()),
             replies_off_noted: AtomicBool::new(false),
             next_start: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            adaptive: adaptive_prefetch(&cfg),
             cfg,
         }
     }
@@ -105,14 +110,49 @@ impl QueueState {
     /// The prefetch actually used: `prefetch`, but under `max_rate` no more
     /// than about one second of deliveries, so that none waits long unacked.
     pub fn effective_prefetch(&self) -> u16 {
-        match self.cfg.max_rate {
-            Some(rate) => self
-                .cfg
-                .prefetch
-                .min(rate.ceil().clamp(1.0, 65535.0) as u16),
-            None => self.cfg.prefetch,
-        }
+        rate_capped(&self.cfg, self.cfg.prefetch)
     }
+
+    /// The most the prefetch can be: raised while jobs are short.
+    pub fn max_prefetch(&self) -> u16 {
+        self.adaptive
+            .as_ref()
+            .map_or_else(|| self.effective_prefetch(), Adaptive::high)
+    }
+}
+
+/// `prefetch`, capped under `max_rate` to about one second of deliveries.
+fn rate_capped(cfg: &QueueConfig, prefetch: u16) -> u16 {
+    match cfg.max_rate {
+        Some(rate) => prefetch.min(rate.ceil().clamp(1.0, 65535.0) as u16),
+        None => prefetch,
+    }
+}
+
+/// The most deliveries a queue's consumer may have unacked: its prefetch,
+/// or with an adaptive prefetch the raised one.
+pub fn max_prefetch(cfg: &QueueConfig) -> u16 {
+    adaptive_bounds(cfg).map_or_else(|| rate_capped(cfg, cfg.prefetch), |(_, high)| high)
+}
+
+/// The bounds an adaptive prefetch moves between: none when the queue sets
+/// `prefetch`, or has a single active consumer (switching consumers would
+/// hand the queue to another instance), or `max_rate` leaves no room.
+fn adaptive_bounds(cfg: &QueueConfig) -> Option<(u16, u16)> {
+    if !cfg.prefetch_adapts || cfg.single_active_consumer {
+        return None;
+    }
+    let low = rate_capped(cfg, cfg.prefetch);
+    let high = rate_capped(
+        cfg,
+        cfg.prefetch
+            .saturating_add(prefetch::extra(cfg.concurrency)),
+    );
+    (high > low).then_some((low, high))
+}
+
+fn adaptive_prefetch(cfg: &QueueConfig) -> Option<Adaptive> {
+    adaptive_bounds(cfg).and_then(|(low, high)| Adaptive::new(low, high))
 }
 
 /// The queues now configured, with what outlives a reload.
