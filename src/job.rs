@@ -34,6 +34,7 @@ use crate::trace::{self, JobTrace};
 use lapin::options::BasicNackOptions;
 use lapin::types::ShortString;
 use lapin::{Connection, message::Delivery};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -154,7 +155,7 @@ pub async fn handle(
     let (ended, ran) = match admission.skip.take() {
         None => {
             let mut env = message_env(&delivery, &queue, attempt, admission.user_id.as_deref());
-            env.extend(trace.worker_env());
+            env.extend(trace.worker_env().map(|(k, v)| (k, Cow::Owned(v))));
             let job = Job {
                 command: &cfg.command,
                 base_env: &queue.base_env,
@@ -223,7 +224,10 @@ pub async fn handle(
     running.job.settling.store(true, Ordering::Relaxed);
     if let Some(elapsed) = ran {
         queue.stats.observe_duration(elapsed);
-        queue.stats.count_exit(ended.outcome.label());
+        // Exit codes are counted by count_status, without a label.
+        if !matches!(ended.outcome, Outcome::Exit(_)) {
+            queue.stats.count_exit(ended.outcome.label());
+        }
         count_status(&queue, &ended.outcome);
     }
     #[cfg(debug_assertions)]
@@ -456,7 +460,8 @@ fn log_plan(
     ran: Option<std::time::Duration>,
     frame_max: usize,
 ) {
-    let label = ended.outcome.label();
+    // Built only for the lines that print it.
+    let label = || ended.outcome.label();
     let attempt = log.attempt;
     let ms = ran.unwrap_or_default().as_millis();
     match plan.decision {
@@ -464,7 +469,7 @@ fn log_plan(
             tracing::debug!(queue = %log.queue, message_id = %log.message_id, attempt, ms, "job done");
         }
         Decision::Drop => {
-            tracing::warn!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "dropping the message as exit_codes says");
+            tracing::warn!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label(), "dropping the message as exit_codes says");
         }
         Decision::Requeue if ended.outcome == Outcome::SpawnFailed => {
             // One error per pause is logged by the consumer loop.
@@ -475,14 +480,14 @@ fn log_plan(
             );
         }
         Decision::Requeue => {
-            tracing::info!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, "requeueing the message");
+            tracing::info!(queue = %log.queue, message_id = %log.message_id, attempt, exit = %label(), "requeueing the message");
         }
         Decision::Retry {
             delay,
             next_attempt,
         } => {
             tracing::warn!(
-                queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
+                queue = %log.queue, message_id = %log.message_id, attempt, exit = %label(), ms,
                 "job failed; retry {next_attempt}/{} in {}", queue.cfg.policy.max_attempts,
                 crate::config::format_duration(delay)
             );
@@ -490,7 +495,7 @@ fn log_plan(
         Decision::DeadLetter => {
             let tail = String::from_utf8_lossy(&ended.stderr_or_reason);
             tracing::error!(
-                queue = %log.queue, message_id = %log.message_id, attempt, exit = %label, ms,
+                queue = %log.queue, message_id = %log.message_id, attempt, exit = %label(), ms,
                 "job failed for good; dead-lettering to {}{}", queue.cfg.dead_queue(),
                 tail.lines().rfind(|l| !l.trim().is_empty()).map(|l| format!(": {l}")).unwrap_or_default()
             );
@@ -735,18 +740,20 @@ impl Drop for JobGuard<'_> {
     }
 }
 
-/// The `AMQP_EXEC_*` variables describing this delivery.
-fn message_env(
-    delivery: &Delivery,
-    queue: &QueueState,
+/// The `AMQP_EXEC_*` variables describing this delivery. Values are
+/// borrowed from the delivery where they need no change.
+fn message_env<'a>(
+    delivery: &'a Delivery,
+    queue: &'a QueueState,
     attempt: u32,
-    user_id: Option<&str>,
-) -> Vec<(&'static str, String)> {
+    user_id: Option<&'a str>,
+) -> Vec<(&'static str, Cow<'a, str>)> {
     let p = &delivery.properties;
-    let short = |v: &Option<ShortString>| v.as_ref().map(|s| clean(s.as_str())).unwrap_or_default();
+    let short =
+        |v: &'a Option<ShortString>| v.as_ref().map_or(Cow::Borrowed(""), |s| clean(s.as_str()));
     // Room for the trace variables the job adds.
     let mut env = Vec::with_capacity(20);
-    env.push(("AMQP_EXEC_QUEUE", queue.name.to_string()));
+    env.push(("AMQP_EXEC_QUEUE", Cow::Borrowed(&*queue.name)));
     env.push(("AMQP_EXEC_MESSAGE_ID", short(p.message_id())));
     env.push(("AMQP_EXEC_CORRELATION_ID", short(p.correlation_id())));
     env.push(("AMQP_EXEC_REPLY_TO", short(p.reply_to())));
@@ -757,40 +764,48 @@ fn message_env(
     env.push(("AMQP_EXEC_EXCHANGE", clean(delivery.exchange.as_str())));
     env.push((
         "AMQP_EXEC_REDELIVERED",
-        if delivery.redelivered { "1" } else { "0" }.to_owned(),
+        Cow::Borrowed(if delivery.redelivered { "1" } else { "0" }),
     ));
-    env.push(("AMQP_EXEC_ATTEMPT", attempt.to_string()));
+    env.push(("AMQP_EXEC_ATTEMPT", Cow::Owned(attempt.to_string())));
     env.push((
         "AMQP_EXEC_MAX_ATTEMPTS",
-        queue.cfg.policy.max_attempts.to_string(),
+        Cow::Owned(queue.cfg.policy.max_attempts.to_string()),
     ));
     env.push(("AMQP_EXEC_CONTENT_TYPE", short(p.content_type())));
     if let Some(ts) = p.timestamp() {
-        env.push(("AMQP_EXEC_TIMESTAMP", ts.to_string()));
+        env.push(("AMQP_EXEC_TIMESTAMP", Cow::Owned(ts.to_string())));
     }
     // Only the broker-checked user: the property, or a signed header.
     if let Some(u) = user_id {
         env.push(("AMQP_EXEC_USER_ID", clean(u)));
     }
     let json = match p.headers() {
-        Some(t) => serde_json::to_string(&headers::to_json(t)).unwrap_or_else(|_| "{}".into()),
-        None => "{}".to_owned(),
+        Some(t) if !t.inner().is_empty() => {
+            serde_json::to_string(&headers::to_json(t)).unwrap_or_else(|_| "{}".into())
+        }
+        _ => String::new(),
     };
     if json.len() > MAX_HEADERS_ENV {
-        env.push(("AMQP_EXEC_HEADERS_OMITTED", json.len().to_string()));
-        env.push(("AMQP_EXEC_HEADERS", "{}".to_owned()));
+        env.push((
+            "AMQP_EXEC_HEADERS_OMITTED",
+            Cow::Owned(json.len().to_string()),
+        ));
+        env.push(("AMQP_EXEC_HEADERS", Cow::Borrowed("{}")));
+    } else if json.is_empty() {
+        env.push(("AMQP_EXEC_HEADERS", Cow::Borrowed("{}")));
     } else {
-        env.push(("AMQP_EXEC_HEADERS", clean(&json)));
+        // JSON escapes control characters: it holds no NUL byte.
+        env.push(("AMQP_EXEC_HEADERS", Cow::Owned(json)));
     }
     env
 }
 
 /// Environment values cannot hold NUL bytes; drop them.
-fn clean(s: &str) -> String {
+fn clean(s: &str) -> Cow<'_, str> {
     if s.contains('\0') {
-        s.replace('\0', "")
+        Cow::Owned(s.replace('\0', ""))
     } else {
-        s.to_owned()
+        Cow::Borrowed(s)
     }
 }
 

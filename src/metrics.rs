@@ -293,6 +293,7 @@ impl QueueStats {
         RunningWorker(self.clone())
     }
 
+    /// A run that ended otherwise than with an exit code, under its label.
     pub fn count_exit(&self, label: String) {
         *self
             .exits
@@ -302,8 +303,15 @@ impl QueueStats {
             .or_default() += 1;
     }
 
+    /// Finished runs by label: the exit codes (counted without a lock by
+    /// [`QueueStats::count_exit_code`]) and the labels of
+    /// [`QueueStats::count_exit`].
     pub fn exits(&self) -> BTreeMap<String, u64> {
-        self.exits.lock().expect("not poisoned").clone()
+        let mut exits = self.exits.lock().expect("not poisoned").clone();
+        for (code, n) in self.exit_codes.nonzero() {
+            *exits.entry(code.to_string()).or_default() += n;
+        }
+        exits
     }
 
     pub fn observe_duration(&self, d: Duration) {

@@ -48,7 +48,7 @@ pub struct Job<'a> {
     /// The environment every worker of the queue gets.
     pub base_env: &'a [(OsString, OsString)],
     /// The variables describing this message.
-    pub message_env: &'a [(&'static str, String)],
+    pub message_env: &'a [(&'static str, std::borrow::Cow<'a, str>)],
     pub working_dir: Option<&'a Path>,
     pub sandbox: &'a Sandbox,
     pub body: &'a [u8],
@@ -114,7 +114,7 @@ pub async fn run(
     cmd.args(&job.command[1..])
         .env_clear()
         .envs(job.base_env.iter().map(|(k, v)| (k, v)))
-        .envs(job.message_env.iter().map(|(k, v)| (k, v)))
+        .envs(job.message_env.iter().map(|(k, v)| (k, v.as_ref())))
         .stdin(Stdio::from(pipes.child_stdin))
         .stdout(Stdio::from(pipes.child_stdout))
         .stderr(Stdio::from(pipes.child_stderr))
@@ -572,6 +572,31 @@ async fn pump<R: AsyncRead + Unpin>(
     budget: &LogBudget,
 ) {
     let mut buf = [0u8; 8 * 1024];
+    // With the worker's lines of this stream filtered out of the log (at
+    // `RUST_LOG=warn`, stdout), only count them against the budget.
+    let logged = match stream {
+        Stream::Stdout => tracing::enabled!(target: "amqp_exec::worker", tracing::Level::INFO),
+        Stream::Stderr => tracing::enabled!(target: "amqp_exec::worker", tracing::Level::WARN),
+    };
+    if !logged {
+        let mut pending = false;
+        loop {
+            let n = match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            sink.push(chunk);
+            for _ in chunk.iter().filter(|&&b| b == b'\n') {
+                budget.take();
+            }
+            pending = chunk.last() != Some(&b'\n');
+        }
+        if pending {
+            budget.take();
+        }
+        return;
+    }
     let mut line: Vec<u8> = Vec::new();
     let mut dropped = 0usize;
     loop {
