@@ -38,7 +38,9 @@
 //!   - [`reaper`] — reaping orphans when running as PID 1;
 //!   - [`tls`] — `amqps://` connections and `[broker.tls]`;
 //!   - [`uri`] — broker URLs, parsed and redacted;
-//!   - [`random`] — random numbers for jitter and ids.
+//!   - [`random`] — random numbers for jitter and ids;
+//!   - [`logwriter`] — the log's queue to stderr, written by a thread of its
+//!     own.
 
 pub mod broker;
 pub mod cli;
@@ -46,6 +48,7 @@ pub mod config;
 pub mod consumer;
 pub mod headers;
 pub mod job;
+pub mod logwriter;
 pub mod memory;
 pub mod metrics;
 pub mod policy;

@@ -192,7 +192,9 @@ fn init_logging(format: LogFormat) {
     // in whichever task was logging.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Through a queue to a thread of its own: a slow stderr never
+        // stalls the runtime.
+        .with_writer(amqp_exec::logwriter::QueuedStderr)
         .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -234,7 +236,7 @@ fn main() {
             Err(e) => {
                 let f = Failure::from(e);
                 errln!("amqp-exec: {}", f.message);
-                std::process::exit(f.code);
+                exit(f.code);
             }
         },
         _ => None,
@@ -250,7 +252,7 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => {
             errln!("amqp-exec: cannot start the async runtime: {e}");
-            std::process::exit(1);
+            exit(1);
         }
     };
     // On a runtime thread, whose stack is broker::THREAD_STACK: the main
@@ -264,8 +266,18 @@ fn main() {
     amqp_exec::trace::shutdown(TRACE_FLUSH);
     if let Err(f) = result {
         errln!("amqp-exec: {}", f.message);
-        std::process::exit(f.code);
+        exit(f.code);
     }
+    amqp_exec::logwriter::flush(LOG_FLUSH_LIMIT);
+}
+
+/// How long the log's queued lines may take to be written at exit.
+const LOG_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Exits with `code` once the log's queued lines are written.
+fn exit(code: i32) -> ! {
+    amqp_exec::logwriter::flush(LOG_FLUSH_LIMIT);
+    std::process::exit(code)
 }
 
 /// How long the spans still queued may take to export at exit.
