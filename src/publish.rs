@@ -57,12 +57,14 @@ impl From<lapin::Error> for PublishError {
 /// a publish for its confirm and queues its frames under two separate locks,
 /// so two publishes racing on one channel from two threads can reach the
 /// broker in the other order, and each would get the other's confirm: an ack
-/// for a dead letter the broker returned. Publishes on it are therefore sent
-/// one at a time; their confirms are still awaited together.
+/// for a dead letter the broker returned. Publishes on it are therefore
+/// numbered and queued one at a time, under a lock held only while they are
+/// (the first poll of lapin's publish, which does both before its first
+/// wait); the writes to the socket and the confirms are awaited together.
 #[derive(Clone)]
 pub struct SettleChannel {
     channel: Channel,
-    sending: Arc<tokio::sync::Mutex<()>>,
+    sending: Arc<std::sync::Mutex<()>>,
     frame_max: usize,
 }
 
@@ -75,7 +77,7 @@ impl SettleChannel {
         };
         SettleChannel {
             channel,
-            sending: Arc::new(tokio::sync::Mutex::new(())),
+            sending: Arc::new(std::sync::Mutex::new(())),
             frame_max,
         }
     }
@@ -115,16 +117,25 @@ impl SettleChannel {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<lapin::PublisherConfirm, PublishError> {
-        let _one_at_a_time = self.sending.lock().await;
-        send_with(
+        let publish = send_with(
             &self.channel,
             exchange,
             routing_key,
             body,
             properties,
             mandatory,
-        )
-        .await
+        );
+        let mut publish = std::pin::pin!(publish);
+        // The first poll numbers the publish and queues its frames.
+        let first = std::future::poll_fn(|cx| {
+            let _one_at_a_time = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+            std::task::Poll::Ready(publish.as_mut().poll(cx))
+        })
+        .await;
+        match first {
+            std::task::Poll::Ready(sent) => sent,
+            std::task::Poll::Pending => publish.await,
+        }
     }
 }
 
