@@ -206,7 +206,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn main() {
+pub(crate) fn main() {
     // SAFETY: first thing in main, before any other thread starts.
     unsafe { amqp_exec::broker::use_thread_stack() };
     let cli = Cli::parse();
