@@ -15,8 +15,8 @@
 //!   running job passes [`LONG`];
 //! - between [`SHORT`] and [`LONG`] it stays as it is (hysteresis).
 //!
-//! Only queues without a `prefetch` key adapt; under `max_rate` the raised
-//! prefetch is capped like the configured one. [`Adaptive`] holds the
+//! Only queues without a `prefetch` key adapt, and neither those with a
+//! single active consumer nor those under `max_rate`. [`Adaptive`] holds the
 //! recent durations a queue's jobs report and publishes the prefetch its
 //! consumer should use.
 

@@ -137,18 +137,16 @@ pub fn max_prefetch(cfg: &QueueConfig) -> u16 {
 
 /// The bounds an adaptive prefetch moves between: none when the queue sets
 /// `prefetch`, or has a single active consumer (switching consumers would
-/// hand the queue to another instance), or `max_rate` leaves no room.
+/// hand the queue to another instance), or a `max_rate` (its deliveries
+/// wait for the limiter anyway, and its prefetch is capped to a second's).
 fn adaptive_bounds(cfg: &QueueConfig) -> Option<(u16, u16)> {
-    if !cfg.prefetch_adapts || cfg.single_active_consumer {
+    if !cfg.prefetch_adapts || cfg.single_active_consumer || cfg.max_rate.is_some() {
         return None;
     }
-    let low = rate_capped(cfg, cfg.prefetch);
-    let high = rate_capped(
-        cfg,
-        cfg.prefetch
-            .saturating_add(prefetch::extra(cfg.concurrency)),
-    );
-    (high > low).then_some((low, high))
+    let high = cfg
+        .prefetch
+        .saturating_add(prefetch::extra(cfg.concurrency));
+    (high > cfg.prefetch).then_some((cfg.prefetch, high))
 }
 
 fn adaptive_prefetch(cfg: &QueueConfig) -> Option<Adaptive> {
@@ -266,4 +264,36 @@ fn worker_env(cfg: &QueueConfig) -> Vec<(OsString, OsString)> {
         set(k, v.into());
     }
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(extra: &str) -> QueueConfig {
+        let text = format!("[[queue]]\nname = \"q\"\ncommand = [\"/bin/true\"]\n{extra}");
+        crate::config::parse(&text, std::path::Path::new("t.toml"), Some("amqp://h"))
+            .unwrap()
+            .queues
+            .remove(0)
+    }
+
+    #[test]
+    fn the_prefetch_adapts_only_when_nothing_fixes_it() {
+        assert_eq!(adaptive_bounds(&queue("")), Some((1, 2)));
+        assert_eq!(adaptive_bounds(&queue("concurrency = 8\n")), Some((8, 12)));
+        assert_eq!(max_prefetch(&queue("concurrency = 8\n")), 12);
+        for fixed in [
+            "prefetch = 1\n",
+            "single_active_consumer = true\n",
+            "max_rate = \"100/s\"\n",
+        ] {
+            assert_eq!(adaptive_bounds(&queue(fixed)), None, "{fixed}");
+        }
+        assert_eq!(max_prefetch(&queue("prefetch = 3\n")), 3);
+        assert_eq!(
+            max_prefetch(&queue("max_rate = \"2/s\"\nconcurrency = 4\n")),
+            2
+        );
+    }
 }
