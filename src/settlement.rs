@@ -378,7 +378,8 @@ pub fn plan(
     let user_id = admission.user_id.as_deref();
     let decision = policy::decide(ended.outcome, attempt, &cfg.policy);
     let budget = ctx.frame_max.saturating_sub(broker_reserve(cfg));
-    let label = long_string(&ended.outcome.label());
+    // For the republish of a retry or dead letter only.
+    let label = || long_string(&ended.outcome.label());
     let (reply, refused_reply) = match d.reply_to() {
         None => (None, None),
         Some(to) => match reply_allowed(to, cfg, ctx.own_queues) {
@@ -416,7 +417,7 @@ pub fn plan(
         } => {
             let mut ours = vec![
                 (ATTEMPT_HEADER, AMQPValue::LongInt(clamp_i32(next_attempt))),
-                (EXIT_HEADER, label),
+                (EXIT_HEADER, label()),
                 (SIGNATURE_HEADER, long_string(&sign(Some(next_attempt)))),
             ];
             ours.extend(TraceHeaders::entries(ctx.trace));
@@ -438,7 +439,7 @@ pub fn plan(
         Decision::DeadLetter => {
             let failed_at = humantime::format_rfc3339_seconds(ctx.now).to_string();
             let mut ours = vec![
-                (EXIT_HEADER, label),
+                (EXIT_HEADER, label()),
                 (ATTEMPTS_HEADER, AMQPValue::LongInt(clamp_i32(attempt))),
                 (FAILED_AT_HEADER, long_string(&failed_at)),
                 (QUEUE_HEADER, long_string(&cfg.name)),
