@@ -461,7 +461,8 @@ async fn prefetch_change(wanted: &mut Option<tokio::sync::watch::Receiver<u16>>)
 /// Applies a new prefetch. RabbitMQ applies a `basic.qos` to the consumers
 /// started after it, so the consumer is cancelled and started again: the
 /// deliveries the old one already has are started first (`draining`), and
-/// no delivery is sent to both.
+/// no delivery is sent to both. Bounded by [`CANCEL_LIMIT`] (a blocked
+/// connection answers nothing); an error rebuilds the channel.
 async fn switch_prefetch(
     channel: &lapin::Channel,
     queue: &str,
@@ -470,11 +471,10 @@ async fn switch_prefetch(
     draining: &mut Option<Consumer>,
     prefetch: u16,
 ) -> Result<(), String> {
-    channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await
-        .map_err(|e| format!("cannot cancel the consumer to change the prefetch: {e}"))?;
-    let fresh = async {
+    let switch = async {
+        channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -487,9 +487,21 @@ async fn switch_prefetch(
             )
             .await
     };
-    let fresh = fresh
-        .await
-        .map_err(|e| format!("cannot consume from \"{queue}\" with prefetch {prefetch}: {e}"))?;
+    let fresh = match tokio::time::timeout(CANCEL_LIMIT, switch).await {
+        Ok(Ok(fresh)) => fresh,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot consume from \"{queue}\" again with prefetch {prefetch}: {e}"
+            ));
+        }
+        Err(_) => {
+            return Err(format!(
+                "the broker did not answer within {}s when the consumer of \"{queue}\" was \
+                 started again with prefetch {prefetch}",
+                CANCEL_LIMIT.as_secs()
+            ));
+        }
+    };
     *draining = Some(std::mem::replace(consumer, fresh));
     tracing::debug!(queue = %queue, prefetch, "prefetch changed");
     Ok(())
