@@ -8,7 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[path = "../src/main.rs"]
+#[path = "../../src/main.rs"]
 mod amqp_exec_main;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
