@@ -164,17 +164,20 @@ async fn the_prefetch_rises_for_short_jobs_and_falls_for_a_long_one() {
     let q = unique("adaptive");
     broker.declare(&q).await;
     let work = Workdir::new();
-    // The job "long" runs until the test creates the file `go`.
+    // The job "long" runs until the test creates the file `go`; every job
+    // writes its message id to `ran` when it ends.
     let go = work.file("go");
+    let ran = work.file("ran");
     let config = format!(
         r#"
 [[queue]]
 name = "{q}"
-command = ["/bin/sh", "-c", "if [ \"$AMQP_EXEC_MESSAGE_ID\" = long ]; then while [ ! -e \"$GO\" ]; do sleep 0.05; done; fi"]
+command = ["/bin/sh", "-c", "if [ \"$AMQP_EXEC_MESSAGE_ID\" = long ]; then while [ ! -e \"$GO\" ]; do sleep 0.05; done; fi; echo \"$AMQP_EXEC_MESSAGE_ID\" >> \"$RAN\""]
 concurrency = 1
-env = {{ GO = "{}" }}
+env = {{ GO = "{}", RAN = "{}" }}
 "#,
-        go.display()
+        go.display(),
+        ran.display()
     );
     let mut sup = Supervisor::start(&work, &config, &[]);
     sup.wait_log("consuming", Duration::from_secs(20)).await;
@@ -201,7 +204,31 @@ env = {{ GO = "{}" }}
         "a job running long left the prefetch at {:?}",
         consumer_prefetch(&q)
     );
+    // Messages behind the long job, and after it: each consumer the
+    // prefetch changes left behind hands on what it holds.
+    broker.publish_id(&q, "behind-long", b"x").await;
     std::fs::write(&go, "").unwrap();
+    for i in 0..10 {
+        broker.publish_id(&q, &format!("after-{i}"), b"x").await;
+    }
+    let all_ran = || {
+        std::fs::read_to_string(&ran)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            == 40 + 2 + 10
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !all_ran() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        all_ran(),
+        "not every job ran after the prefetch changes: {:?}",
+        std::fs::read_to_string(&ran)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    );
 
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(30)).await;
