@@ -326,6 +326,25 @@ pub fn rates_text(rates: &BTreeMap<String, f64>) -> String {
     }
 }
 
+/// A queue's totals as "25 ok, 1 dead", leaving out those at zero; "none"
+/// when all are.
+pub fn totals_text(totals: &BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = JOB_ENDS
+        .iter()
+        .filter_map(|k| {
+            totals
+                .get(*k)
+                .filter(|n| **n > 0)
+                .map(|n| format!("{n} {k}"))
+        })
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin-bottom:1.5em}\
 th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top}\
@@ -372,15 +391,6 @@ pub fn render_html(report: &Report) -> String {
         if let Some(why) = &q.reason {
             let _ = write!(state, "<br><span class=\"reason\">{}</span>", escape(why));
         }
-        let totals: Vec<String> = JOB_ENDS
-            .iter()
-            .filter_map(|k| {
-                q.totals
-                    .get(*k)
-                    .filter(|n| **n > 0)
-                    .map(|n| format!("{n} {k}"))
-            })
-            .collect();
         let failure = match &q.last_failure {
             None => "<span class=\"muted\">none</span>".to_owned(),
             Some(f) => format!(
@@ -416,11 +426,7 @@ pub fn render_html(report: &Report) -> String {
             q.busy,
             q.concurrency,
             rates_text(&q.rates),
-            if totals.is_empty() {
-                "none".to_owned()
-            } else {
-                totals.join(", ")
-            },
+            totals_text(&q.totals),
         );
     }
     h.push_str("</table>\n");

@@ -7,7 +7,7 @@
 //! the terminal.
 
 use super::{EX_UNAVAILABLE, Failure};
-use crate::status::{Report, human_secs, rates_text};
+use crate::status::{Report, human_secs, rates_text, totals_text};
 use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -274,25 +274,12 @@ pub fn render_text(r: &Report) -> String {
         .queues
         .iter()
         .map(|q| {
-            let totals: Vec<String> = crate::state::activity::JOB_ENDS
-                .iter()
-                .filter_map(|k| {
-                    q.totals
-                        .get(*k)
-                        .filter(|n| **n > 0)
-                        .map(|n| format!("{n} {k}"))
-                })
-                .collect();
             vec![
                 term(&q.name),
                 term(&q.state),
                 format!("{}/{}", q.busy, q.concurrency),
                 rates_text(&q.rates),
-                if totals.is_empty() {
-                    "none".into()
-                } else {
-                    totals.join(", ")
-                },
+                totals_text(&q.totals),
                 q.dead_letters.count.to_string(),
             ]
         })
