@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::scrape::free_port;
 use common::*;
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
@@ -13,14 +14,6 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use nix::sys::signal::Signal;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The value of a metric line `name{labels}` on the metrics page at `port`.
 fn metric(port: u16, name_and_labels: &str) -> Option<f64> {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::proxy::{Proxy, broker_addr, url_via};
+use common::scrape::free_port;
 use common::*;
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
@@ -713,14 +714,6 @@ async fn sd_notify_ready_status_watchdog_stopping() {
         assert!(!env.contains(&format!("{var}=")), "worker inherited {var}");
     }
     broker.cleanup().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn metric(page: &str, name_and_labels: &str) -> Option<f64> {

@@ -4,18 +4,11 @@
 
 mod common;
 
+use common::scrape::free_port;
 use common::*;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Reads `/status.json` until `ready` holds for it; fails the test with
 /// the last report after `timeout`.
