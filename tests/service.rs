@@ -530,9 +530,11 @@ async fn connection_cuts_lose_nothing() {
         proxy.accepted()
     );
     assert_eq!(by_id.len(), n, "every message was processed");
+    // At most the unacked messages at each cut run again: the prefetch,
+    // which the adaptive prefetch raises to 4 + 2 for these short jobs.
     assert!(
-        duplicates <= 3 * 4,
-        "duplicates only for jobs in flight at a cut"
+        duplicates <= 3 * (4 + 2),
+        "duplicates only for messages unacked at a cut"
     );
     assert!(
         proxy.accepted() >= 4,
