@@ -377,7 +377,8 @@ pub fn plan(
     let attempt = admission.attempt;
     let user_id = admission.user_id.as_deref();
     let decision = policy::decide(ended.outcome, attempt, &cfg.policy);
-    let budget = ctx.frame_max.saturating_sub(broker_reserve(cfg));
+    // For the republish of a retry or dead letter only.
+    let budget = || ctx.frame_max.saturating_sub(broker_reserve(cfg));
     // For the republish of a retry or dead letter only.
     let label = || long_string(&ended.outcome.label());
     let (reply, refused_reply) = match d.reply_to() {
@@ -429,7 +430,7 @@ pub fn plan(
                     ours,
                     user_id,
                     None,
-                    budget,
+                    budget(),
                 )),
                 reply: None,
                 refused_reply: None,
@@ -455,7 +456,7 @@ pub fn plan(
                     ours,
                     user_id,
                     Some(&tail),
-                    budget,
+                    budget(),
                 )),
                 reply: reply.map(|to| make_reply(d, cfg, to, ended, attempt, true, ctx)),
                 refused_reply,
