@@ -98,7 +98,12 @@ pub async fn run(
         stdout_truncated: false,
         elapsed: started.elapsed(),
     };
-    let pipes = match Pipes::new(job.body) {
+    // Worker stdout that would be neither logged nor kept goes to /dev/null:
+    // no pipe to create, register with the runtime, read and close.
+    let stdout_wanted = job.capture_stdout > 0
+        || (job.max_log_lines > 0
+            && tracing::enabled!(target: "amqp_exec::worker", tracing::Level::INFO));
+    let pipes = match Pipes::new(job.body, stdout_wanted) {
         Ok(p) => p,
         Err(e) => {
             return spawn_failed(
@@ -159,7 +164,7 @@ pub async fn run(
             tokio::join!(
                 feed(stdin, job.body),
                 pump(stdout, &mut out, Stream::Stdout, log, pid, &budget),
-                pump(stderr, &mut err, Stream::Stderr, log, pid, &budget),
+                pump(Some(stderr), &mut err, Stream::Stderr, log, pid, &budget),
             );
         };
         tokio::pin!(io);
@@ -405,12 +410,13 @@ struct Pipes {
     /// The write end and how much of the body it already holds, when the
     /// body did not fit whole.
     stdin_rest: Option<(pipe::Sender, usize)>,
-    stdout: pipe::Receiver,
+    /// None when the worker's stdout goes to `/dev/null`.
+    stdout: Option<pipe::Receiver>,
     stderr: pipe::Receiver,
 }
 
 impl Pipes {
-    fn new(body: &[u8]) -> std::io::Result<Pipes> {
+    fn new(body: &[u8], stdout_wanted: bool) -> std::io::Result<Pipes> {
         let (child_stdin, stdin_w) = pipe2(OFlag::O_CLOEXEC)?;
         let written = prefill(&stdin_w, body)?;
         let stdin_rest = if written == body.len() {
@@ -420,7 +426,13 @@ impl Pipes {
         } else {
             Some((pipe::Sender::from_owned_fd_unchecked(stdin_w)?, written))
         };
-        let (stdout, child_stdout) = Self::output()?;
+        let (stdout, child_stdout) = match dev_null().filter(|_| !stdout_wanted) {
+            Some(null) => (None, null.try_clone_to_owned()?),
+            None => {
+                let (r, w) = Self::output()?;
+                (Some(r), w)
+            }
+        };
         let (stderr, child_stderr) = Self::output()?;
         Ok(Pipes {
             child_stdin,
@@ -439,6 +451,22 @@ impl Pipes {
         fcntl(&r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         Ok((pipe::Receiver::from_owned_fd_unchecked(r)?, w))
     }
+}
+
+/// `/dev/null`, opened once; None when it cannot be opened (then stdout
+/// gets a pipe, read and discarded).
+fn dev_null() -> Option<std::os::fd::BorrowedFd<'static>> {
+    use std::os::fd::AsFd;
+    static NULL: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .ok()
+            .map(OwnedFd::from)
+    })
+    .as_ref()
+    .map(|fd| fd.as_fd())
 }
 
 /// Writes as much of `body` as the empty pipe takes without blocking; returns
@@ -564,13 +592,16 @@ impl LogBudget {
 }
 
 async fn pump<R: AsyncRead + Unpin>(
-    mut reader: R,
+    reader: Option<R>,
     sink: &mut Sink,
     stream: Stream,
     log: &LogContext,
     pid: Option<u32>,
     budget: &LogBudget,
 ) {
+    let Some(mut reader) = reader else {
+        return;
+    };
     let mut buf = [0u8; 8 * 1024];
     // With the worker's lines of this stream filtered out of the log (at
     // `RUST_LOG=warn`, stdout), only count them against the budget.
@@ -736,6 +767,37 @@ mod tests {
         let r = run(job(&cmd, b"", &log), &CancellationToken::new(), None).await;
         assert_eq!(r.outcome, Outcome::Exit(3));
         assert_eq!(r.stderr_or_reason, b"oops\n");
+    }
+
+    /// Stdout that nothing reads (not kept for a reply, and not logged:
+    /// `max_log_lines = 0` here, or worker lines at `info` filtered out)
+    /// goes to /dev/null; kept for a reply, it is a pipe; stderr is always a
+    /// pipe.
+    #[tokio::test]
+    async fn stdout_nobody_reads_goes_to_dev_null() {
+        let log = ctx();
+        let cmd = argv(&[
+            "/bin/sh",
+            "-c",
+            // The shell's own fds, read from a subshell: dash applies a
+            // command's redirections to itself while the command runs.
+            "o=$(readlink /proc/$$/fd/1); e=$(readlink /proc/$$/fd/2); echo \"$o\" >&2; echo \"$e\" >&2; echo out",
+        ]);
+        let mut j = job(&cmd, b"", &log);
+        j.capture_stdout = 0;
+        j.max_log_lines = 0;
+        let r = run(j, &CancellationToken::new(), None).await;
+        assert_eq!(r.outcome, Outcome::Exit(0));
+        let err = String::from_utf8_lossy(&r.stderr_or_reason).into_owned();
+        let mut lines = err.lines();
+        assert_eq!(lines.next(), Some("/dev/null"), "{err}");
+        assert!(lines.next().unwrap_or("").starts_with("pipe:"), "{err}");
+        assert!(r.stdout.is_empty());
+
+        let r = run(job(&cmd, b"", &log), &CancellationToken::new(), None).await;
+        let err = String::from_utf8_lossy(&r.stderr_or_reason).into_owned();
+        assert!(err.lines().all(|l| l.starts_with("pipe:")), "{err}");
+        assert_eq!(r.stdout, b"out\n");
     }
 
     #[tokio::test]

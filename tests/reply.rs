@@ -76,6 +76,59 @@ async fn one_task_gets_its_reply_on_a_named_queue_and_through_the_cli() {
     broker.cleanup().await;
 }
 
+/// With worker lines at `info` filtered out of the log (`RUST_LOG=warn`), a
+/// job with no `reply_to` writes its stdout to /dev/null, and a task still
+/// gets its stdout back as its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_warn_a_task_still_gets_its_stdout_as_its_reply() {
+    let mut broker = Broker::connect().await;
+    let q = unique("reply-warn");
+    let replies = unique("replies");
+    broker.declare(&q).await;
+    broker.declare(&replies).await;
+    let work = Workdir::new();
+    let w = work.script(
+        "where.sh",
+        "#!/bin/sh\ncat >/dev/null\nout=$(readlink /proc/$$/fd/1)\nprintf 'stdout is %s' \"$out\"\necho \"$out\" >&2\n",
+    );
+    let config = format!(
+        "[[queue]]\nname = \"{q}\"\ncommand = [\"{}\"]\nreplies = [\"test-repl*\"]\n",
+        w.display()
+    );
+    let mut sup = Supervisor::start_with_env(
+        &work,
+        &config,
+        &["--max-jobs", "2"],
+        &[("RUST_LOG", "warn")],
+    );
+    broker.publish_id(&q, "plain", b"x").await;
+    broker
+        .publish(
+            &q,
+            b"task",
+            BasicProperties::default()
+                .with_message_id("task".into())
+                .with_reply_to(replies.as_str().into()),
+        )
+        .await;
+    let d = first_delivery(&broker.channel, &replies).await;
+    assert!(
+        String::from_utf8_lossy(&d.data).starts_with("stdout is pipe:"),
+        "{:?}",
+        String::from_utf8_lossy(&d.data)
+    );
+    sup.wait_success(Duration::from_secs(30)).await;
+    let log = sup.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/dev/null") && l.contains("message_id=plain")),
+        "the job with no reply_to wrote to /dev/null: {}",
+        tail(&log, 20)
+    );
+    assert_eq!(broker.count(&q).await, Some(0), "both jobs were acked");
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_task_gets_one_failure_reply_after_its_last_attempt() {
     let mut broker = Broker::connect().await;
