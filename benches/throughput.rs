@@ -90,6 +90,9 @@ struct Args {
     compare: Option<String>,
     /// `--conc 1,4`: the concurrencies `--compare` runs.
     concs: Vec<usize>,
+    /// `--worker php|python3`: `--compare` with a realistic worker instead
+    /// of `/bin/cat`.
+    worker: Option<String>,
 }
 
 fn args() -> Args {
@@ -100,6 +103,7 @@ fn args() -> Args {
         soak: None,
         compare: None,
         concs: vec![1, 4],
+        worker: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -115,6 +119,7 @@ fn args() -> Args {
             "--json" => a.json = it.next(),
             "--soak" => a.soak = it.next().and_then(|n| n.parse().ok()),
             "--compare" => a.compare = Some(it.next().expect("--compare PATH")),
+            "--worker" => a.worker = Some(it.next().expect("--worker php|python3")),
             "--conc" => {
                 a.concs = it
                     .next()
@@ -1033,7 +1038,14 @@ async fn main() {
         return;
     }
     if let Some(other) = &args.compare {
-        compare(other, args.jobs, args.rounds, &args.concs).await;
+        compare(
+            other,
+            args.jobs,
+            args.rounds,
+            &args.concs,
+            args.worker.as_deref(),
+        )
+        .await;
         return;
     }
     let n = args.jobs;
@@ -1474,18 +1486,25 @@ async fn soak(total: usize) {
 }
 
 /// `--compare PATH`: this build against the binary at `other`, in turns.
-async fn compare(other: &str, n: usize, rounds: usize, concs: &[usize]) {
+async fn compare(other: &str, n: usize, rounds: usize, concs: &[usize], worker: Option<&str>) {
     assert!(
         std::path::Path::new(other).is_file(),
         "--compare {other}: no such file"
     );
+    let (worker, argv) = match worker {
+        None => ("/bin/cat", vec!["/bin/cat".to_owned()]),
+        Some(name) => realistic_workers()
+            .into_iter()
+            .find(|(label, _)| label.starts_with(name))
+            .unwrap_or_else(|| panic!("--worker {name}: not installed (php or python3)")),
+    };
     // Each binary goes first in half the pairs.
     let rounds = rounds.next_multiple_of(2);
     let broker = Broker::connect().await;
     let queue = format!("bench-compare-{}", std::process::id());
     let body = vec![b'x'; 1024];
     println!(
-        "compare: {n} jobs per run, /bin/cat, 1 KiB bodies, {rounds} pairs\n  this: {BIN}\n  other: {other}"
+        "compare: {n} jobs per run, {worker}, 1 KiB bodies, {rounds} pairs\n  this: {BIN}\n  other: {other}"
     );
     println!(
         "{:>4} {:>9} {:>9} {:>7} {:>11} {:>12} {:>7} {:>11} {:>12}",
@@ -1500,7 +1519,7 @@ async fn compare(other: &str, n: usize, rounds: usize, concs: &[usize]) {
         "other p50 ms"
     );
     for &c in concs {
-        let config = queue_config(&queue, c, "/bin/cat");
+        let config = queue_config_argv(&queue, c, &argv);
         let (mut this, mut them) = (Vec::new(), Vec::new());
         let (mut this_p50, mut them_p50) = (Vec::new(), Vec::new());
         for pair in 0..rounds {
