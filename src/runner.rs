@@ -602,7 +602,9 @@ async fn pump<R: AsyncRead + Unpin>(
     let Some(mut reader) = reader else {
         return;
     };
-    let mut buf = [0u8; 8 * 1024];
+    // On the heap and not zeroed: an array here would be part of every job's
+    // future, which is copied when the job's task is spawned.
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // With the worker's lines of this stream filtered out of the log (at
     // `RUST_LOG=warn`, stdout), only count them against the budget.
     let logged = match stream {
@@ -612,7 +614,7 @@ async fn pump<R: AsyncRead + Unpin>(
     if !logged {
         let mut pending = false;
         loop {
-            let n = match reader.read(&mut buf).await {
+            let n = match read_chunk(&mut reader, &mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
@@ -631,7 +633,7 @@ async fn pump<R: AsyncRead + Unpin>(
     let mut line: Vec<u8> = Vec::new();
     let mut dropped = 0usize;
     loop {
-        let n = match reader.read(&mut buf).await {
+        let n = match read_chunk(&mut reader, &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -652,6 +654,20 @@ async fn pump<R: AsyncRead + Unpin>(
     if (!line.is_empty() || dropped > 0) && budget.take() {
         log_line(&line, dropped, stream, log, pid);
     }
+}
+
+/// Bytes read from a worker's pipe at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Reads what the pipe holds, up to [`READ_CHUNK`] bytes, into `buf` (emptied
+/// first); 0 at end of file.
+async fn read_chunk<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    buf.clear();
+    // Into the spare capacity, READ_CHUNK bytes after the clear.
+    reader.read_buf(buf).await
 }
 
 fn take_bounded(line: &mut Vec<u8>, dropped: &mut usize, data: &[u8]) {
