@@ -98,12 +98,16 @@ pub async fn run(
         stdout_truncated: false,
         elapsed: started.elapsed(),
     };
+    // Whether the log takes the worker's lines of each stream: stdout at
+    // `info`, stderr at `warn`, and none with `max_log_lines = 0`.
+    let logs = job.max_log_lines > 0;
+    let stdout_logged =
+        logs && tracing::enabled!(target: "amqp_exec::worker", tracing::Level::INFO);
+    let stderr_logged =
+        logs && tracing::enabled!(target: "amqp_exec::worker", tracing::Level::WARN);
     // Worker stdout that would be neither logged nor kept goes to /dev/null:
     // no pipe to create, register with the runtime, read and close.
-    let stdout_wanted = job.capture_stdout > 0
-        || (job.max_log_lines > 0
-            && tracing::enabled!(target: "amqp_exec::worker", tracing::Level::INFO));
-    let pipes = match Pipes::new(job.body, stdout_wanted) {
+    let pipes = match Pipes::new(job.body, stdout_logged || job.capture_stdout > 0) {
         Ok(p) => p,
         Err(e) => {
             return spawn_failed(
@@ -163,8 +167,24 @@ pub async fn run(
         let io = async {
             tokio::join!(
                 feed(stdin, job.body),
-                pump(stdout, &mut out, Stream::Stdout, log, pid, &budget),
-                pump(Some(stderr), &mut err, Stream::Stderr, log, pid, &budget),
+                pump(
+                    stdout,
+                    &mut out,
+                    Stream::Stdout,
+                    stdout_logged,
+                    log,
+                    pid,
+                    &budget
+                ),
+                pump(
+                    Some(stderr),
+                    &mut err,
+                    Stream::Stderr,
+                    stderr_logged,
+                    log,
+                    pid,
+                    &budget
+                ),
             );
         };
         tokio::pin!(io);
@@ -426,9 +446,9 @@ impl Pipes {
         } else {
             Some((pipe::Sender::from_owned_fd_unchecked(stdin_w)?, written))
         };
-        let (stdout, child_stdout) = match dev_null().filter(|_| !stdout_wanted) {
-            Some(null) => (None, null.try_clone_to_owned()?),
-            None => {
+        let (stdout, child_stdout) = match (stdout_wanted, dev_null()) {
+            (false, Some(null)) => (None, null.try_clone_to_owned()?),
+            _ => {
                 let (r, w) = Self::output()?;
                 (Some(r), w)
             }
@@ -591,10 +611,13 @@ impl LogBudget {
     }
 }
 
+/// Reads one of the worker's streams to its end into `sink`, and logs its
+/// lines when `logged`; lines count against the budget either way.
 async fn pump<R: AsyncRead + Unpin>(
     reader: Option<R>,
     sink: &mut Sink,
     stream: Stream,
+    logged: bool,
     log: &LogContext,
     pid: Option<u32>,
     budget: &LogBudget,
@@ -605,70 +628,44 @@ async fn pump<R: AsyncRead + Unpin>(
     // On the heap and not zeroed: an array here would be part of every job's
     // future, which is copied when the job's task is spawned.
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // With the worker's lines of this stream filtered out of the log (at
-    // `RUST_LOG=warn`, stdout), only count them against the budget.
-    let logged = match stream {
-        Stream::Stdout => tracing::enabled!(target: "amqp_exec::worker", tracing::Level::INFO),
-        Stream::Stderr => tracing::enabled!(target: "amqp_exec::worker", tracing::Level::WARN),
-    };
-    if !logged {
-        let mut pending = false;
-        loop {
-            let n = match read_chunk(&mut reader, &mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let chunk = &buf[..n];
-            sink.push(chunk);
-            for _ in chunk.iter().filter(|&&b| b == b'\n') {
-                budget.take();
-            }
-            pending = chunk.last() != Some(&b'\n');
-        }
-        if pending {
-            budget.take();
-        }
-        return;
-    }
+    // The line being read (kept only when logged), how many of its bytes
+    // were cut, and whether the last chunk ended inside a line.
     let mut line: Vec<u8> = Vec::new();
     let mut dropped = 0usize;
+    let mut partial = false;
     loop {
-        let n = match read_chunk(&mut reader, &mut buf).await {
+        buf.clear();
+        // Into the spare capacity: READ_CHUNK bytes after the clear.
+        match reader.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &buf[..n];
-        sink.push(chunk);
-        let mut rest = chunk;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            take_bounded(&mut line, &mut dropped, &rest[..pos]);
-            if budget.take() {
+            Ok(_) => {}
+        }
+        sink.push(&buf);
+        partial = buf.last() != Some(&b'\n');
+        let mut pieces = buf.split(|&b| b == b'\n');
+        // `split` always yields at least one piece: the rest after the last newline.
+        let rest = pieces.next_back().unwrap_or_default();
+        for whole in pieces {
+            if logged {
+                take_bounded(&mut line, &mut dropped, whole);
+            }
+            if budget.take() && logged {
                 log_line(&line, dropped, stream, log, pid);
             }
             line.clear();
             dropped = 0;
-            rest = &rest[pos + 1..];
         }
-        take_bounded(&mut line, &mut dropped, rest);
+        if logged {
+            take_bounded(&mut line, &mut dropped, rest);
+        }
     }
-    if (!line.is_empty() || dropped > 0) && budget.take() {
+    if partial && budget.take() && logged {
         log_line(&line, dropped, stream, log, pid);
     }
 }
 
 /// Bytes read from a worker's pipe at a time.
 const READ_CHUNK: usize = 8 * 1024;
-
-/// Reads what the pipe holds, up to [`READ_CHUNK`] bytes, into `buf` (emptied
-/// first); 0 at end of file.
-async fn read_chunk<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    buf.clear();
-    // Into the spare capacity, READ_CHUNK bytes after the clear.
-    reader.read_buf(buf).await
-}
 
 fn take_bounded(line: &mut Vec<u8>, dropped: &mut usize, data: &[u8]) {
     let room = MAX_LOG_LINE.saturating_sub(line.len());
