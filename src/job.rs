@@ -50,8 +50,12 @@ pub use crate::settlement::{
 /// environment string to 128 KiB); `AMQP_EXEC_HEADERS_OMITTED` says so.
 pub const MAX_HEADERS_ENV: usize = 64 * 1024;
 
-/// Held for the life of a job: the queue's concurrency slot and the global
-/// one, and its worker's count in the running workers.
+/// A job's concurrency slots: its queue's and the instance's.
+type Slots = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Held for a job: the queue's concurrency slot and the global one (until
+/// its ack is queued, or it settles otherwise), and its worker's count in
+/// the running workers.
 pub struct Permits {
     pub _queue: OwnedSemaphorePermit,
     pub _global: OwnedSemaphorePermit,
@@ -105,7 +109,9 @@ pub async fn handle(
     permits: Permits,
 ) {
     let worker = permits.worker;
-    let slots = (permits._queue, permits._global);
+    // Given back once the job's ack is on its way (or when it settles
+    // otherwise): the next worker starts while the ack is written.
+    let mut slots = Some((permits._queue, permits._global));
     let cfg = &queue.cfg;
     let props = &delivery.properties;
     let key = MessageKey::of(&queue.name, props, &delivery.data);
@@ -271,7 +277,7 @@ pub async fn handle(
     guard.settling();
     let settled = tokio::select! {
         biased;
-        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log, &trace) => settled,
+        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log, &trace, &mut slots) => settled,
         _ = settler.lost.cancelled() => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "the channel or connection was lost while the job was being settled; the broker will redeliver the message");
@@ -526,6 +532,7 @@ async fn execute(
     ended: &Ended,
     log: &LogContext,
     trace: &JobTrace,
+    slots: &mut Option<Slots>,
 ) -> Settled {
     if let Some(r) = &plan.republish
         && let Err(e) = trace
@@ -600,7 +607,7 @@ async fn execute(
         Settle::Requeue => "nack",
     });
     let settled = match plan.settle {
-        Settle::Ack => ack(delivery, &settler.channel, log).await,
+        Settle::Ack => ack(delivery, &settler.channel, log, slots).await,
         Settle::Requeue => requeue(delivery, log).await,
     };
     span.end((settled == Settled::Lost).then_some(&"the channel closed first"));
@@ -635,8 +642,25 @@ async fn republish(
     }
 }
 
-async fn ack(delivery: &Delivery, channel: &SettleChannel, log: &LogContext) -> Settled {
-    match channel.ack(delivery).await {
+/// Acks `delivery` and gives back `slots` as soon as the ack is queued for
+/// the connection to write: the job's outcome is settled from then on, and
+/// the next worker need not wait for the write.
+async fn ack(
+    delivery: &Delivery,
+    channel: &SettleChannel,
+    log: &LogContext,
+    slots: &mut Option<Slots>,
+) -> Settled {
+    let acking = channel.ack(delivery);
+    let mut acking = std::pin::pin!(acking);
+    // The first poll queues the ack.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(acking.as_mut().poll(cx))).await;
+    drop(slots.take());
+    let acked = match first {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => acking.await,
+    };
+    match acked {
         Ok(true) => Settled::Acked,
         Ok(false) => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,

@@ -36,10 +36,12 @@ pub const SHORT: Duration = Duration::from_millis(50);
 pub const LONG: Duration = Duration::from_millis(100);
 
 /// How many deliveries a queue at `concurrency` may have ahead of its
-/// workers while its jobs are short: half its concurrency, at least one and
-/// at most 16.
+/// workers while its jobs are short: half its concurrency, at least two and
+/// at most 16. Two rather than one, so that an ack the connection has not
+/// yet written (the broker counts it unacked until it arrives) does not
+/// leave a short job's successor a round trip away.
 pub fn extra(concurrency: usize) -> u16 {
-    (concurrency / 2).clamp(1, 16) as u16
+    (concurrency / 2).clamp(2, 16) as u16
 }
 
 /// The recent job durations of a queue, in microseconds, oldest first
@@ -209,8 +211,10 @@ mod tests {
 
     #[test]
     fn extra_is_half_the_concurrency_within_bounds() {
-        assert_eq!(extra(1), 1);
+        assert_eq!(extra(1), 2);
+        assert_eq!(extra(3), 2);
         assert_eq!(extra(4), 2);
+        assert_eq!(extra(6), 3);
         assert_eq!(extra(16), 8);
         assert_eq!(extra(1000), 16);
     }

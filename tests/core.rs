@@ -192,8 +192,8 @@ env = {{ GO = "{}", RAN = "{}" }}
     }
     broker.wait_count(&q, 0, Duration::from_secs(30)).await;
     assert!(
-        prefetch_becomes(&q, 2, Duration::from_secs(10)).await,
-        "after 40 short jobs the prefetch is {:?}, not concurrency + 1",
+        prefetch_becomes(&q, 3, Duration::from_secs(10)).await,
+        "after 40 short jobs the prefetch is {:?}, not concurrency + 2",
         consumer_prefetch(&q)
     );
 

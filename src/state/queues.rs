@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn the_prefetch_adapts_only_when_nothing_fixes_it() {
-        assert_eq!(adaptive_bounds(&queue("")), Some((1, 2)));
+        assert_eq!(adaptive_bounds(&queue("")), Some((1, 3)));
         assert_eq!(adaptive_bounds(&queue("concurrency = 8\n")), Some((8, 12)));
         assert_eq!(max_prefetch(&queue("concurrency = 8\n")), 12);
         for fixed in [
