@@ -38,7 +38,7 @@ pub struct QueueState {
     /// One permit per worker the queue may run.
     pub slots: Arc<Semaphore>,
     /// The environment every worker of the queue starts with.
-    pub base_env: Vec<(OsString, OsString)>,
+    pub base_env: crate::runner::BaseEnv,
     pub stats: Arc<QueueStats>,
     /// Its consumer's state and recent outcomes, for the status page.
     pub activity: Arc<QueueActivity>,
@@ -75,7 +75,7 @@ impl QueueState {
         QueueState {
             name: Arc::from(cfg.name.as_str()),
             slots: registry.slots.for_queue(&cfg.name, cfg.concurrency),
-            base_env: worker_env(&cfg),
+            base_env: crate::runner::BaseEnv::new(worker_env(&cfg)),
             stats: old.map_or_else(|| registry.new_stats(), |o| o.stats.clone()),
             activity: old.map_or_else(Default::default, |o| o.activity.clone()),
             pause: watch::Sender::new(String::new()),

@@ -14,7 +14,6 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use nix::unistd::pipe2;
-use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -25,6 +24,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+
+mod spawn;
+pub use spawn::BaseEnv;
 
 /// How much of stderr is kept for dead-letter headers and failure replies.
 pub const STDERR_TAIL_BYTES: usize = 4096;
@@ -46,7 +48,7 @@ pub struct LogContext {
 pub struct Job<'a> {
     pub command: &'a [String],
     /// The environment every worker of the queue gets.
-    pub base_env: &'a [(OsString, OsString)],
+    pub base_env: &'a BaseEnv,
     /// The variables describing this message.
     pub message_env: &'a [(&'static str, std::borrow::Cow<'a, str>)],
     pub working_dir: Option<&'a Path>,
@@ -119,25 +121,51 @@ pub async fn run(
             );
         }
     };
-    let mut cmd = Command::new(&job.command[0]);
-    cmd.args(&job.command[1..])
-        .env_clear()
-        .envs(job.base_env.iter().map(|(k, v)| (k, v)))
-        .envs(job.message_env.iter().map(|(k, v)| (k, v.as_ref())))
-        .stdin(Stdio::from(pipes.child_stdin))
-        .stdout(Stdio::from(pipes.child_stdout))
-        .stderr(Stdio::from(pipes.child_stderr))
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(dir) = job.working_dir {
-        cmd.current_dir(dir);
-    }
-    apply_sandbox(&mut cmd, job.sandbox);
+    let Pipes {
+        child_stdin,
+        child_stdout,
+        child_stderr,
+        stdin_rest,
+        stdout,
+        stderr,
+    } = pipes;
     let spawning = crate::reaper::spawning();
-    let spawned = cmd.spawn();
-    // The command holds the child's ends of the pipes: close them here, so
-    // that the worker's exit gives end-of-file and a broken stdin pipe.
-    drop(cmd);
+    let child_fds = spawn::raw([&child_stdin, &child_stdout, &child_stderr]);
+    // Straight through posix_spawn when no hook between fork and exec is
+    // needed; else through Command, which runs the sandbox's hook.
+    let spawned = if *job.sandbox == Sandbox::default() && spawn::usable(&job.command[0], child_fds)
+    {
+        let spawned = spawn::spawn(
+            job.command,
+            job.base_env,
+            job.message_env,
+            job.working_dir,
+            child_fds,
+        );
+        // The child's ends, closed here, so that the worker's exit gives
+        // end-of-file and a broken stdin pipe.
+        drop((child_stdin, child_stdout, child_stderr));
+        spawned.map(Child::Direct)
+    } else {
+        let mut cmd = Command::new(&job.command[0]);
+        cmd.args(&job.command[1..])
+            .env_clear()
+            .envs(job.base_env.pairs().iter().map(|(k, v)| (k, v)))
+            .envs(job.message_env.iter().map(|(k, v)| (k, v.as_ref())))
+            .stdin(Stdio::from(child_stdin))
+            .stdout(Stdio::from(child_stdout))
+            .stderr(Stdio::from(child_stderr))
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = job.working_dir {
+            cmd.current_dir(dir);
+        }
+        apply_sandbox(&mut cmd, job.sandbox);
+        let spawned = cmd.spawn();
+        // The command holds the child's ends of the pipes: closed here.
+        drop(cmd);
+        spawned.map(Child::Tokio)
+    };
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -159,7 +187,7 @@ pub async fn run(
 
     let mut out = Sink::capture(job.capture_stdout);
     let mut err = Sink::tail(STDERR_TAIL_BYTES);
-    let (stdin, stdout, stderr) = (pipes.stdin_rest, pipes.stdout, pipes.stderr);
+    let stdin = stdin_rest;
     let log = job.log;
     let budget = LogBudget::new(job.max_log_lines);
     // The pipes borrow the sinks until this block ends.
@@ -284,6 +312,29 @@ pub async fn run(
         stdout: out.into_bytes(),
         elapsed: started.elapsed(),
         spawn_error: None,
+    }
+}
+
+/// A running worker, started by [`spawn`] or through `Command`.
+enum Child {
+    Direct(spawn::Child),
+    Tokio(tokio::process::Child),
+}
+
+impl Child {
+    fn id(&self) -> Option<u32> {
+        match self {
+            Child::Direct(c) => Some(c.id()),
+            Child::Tokio(c) => c.id(),
+        }
+    }
+
+    /// Waits for the exit; cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Child::Direct(c) => c.wait().await,
+            Child::Tokio(c) => c.wait().await,
+        }
     }
 }
 
@@ -712,7 +763,7 @@ mod tests {
     fn job<'a>(cmd: &'a [String], body: &'a [u8], log: &'a LogContext) -> Job<'a> {
         Job {
             command: cmd,
-            base_env: &[],
+            base_env: Box::leak(Box::default()),
             message_env: &[],
             working_dir: None,
             sandbox: Box::leak(Box::default()),

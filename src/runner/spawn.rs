@@ -1,0 +1,449 @@
+//! Starting a worker with `posix_spawn` directly, and waiting for it through
+//! a pidfd on the runtime, for the workers that need no hook between fork
+//! and exec (no `user`, limits or `nice`) and whose command is a path.
+//!
+//! `std::process::Command` copies every environment variable twice into
+//! maps and once more into C strings on each spawn: about five allocations
+//! per variable, most of a job's allocations. Here a queue's environment is
+//! turned into C strings once ([`BaseEnv`]), and a job adds only its own
+//! variables, in one buffer. What the child gets is what `Command` gives it:
+//! its own process group, an empty signal mask, `SIGPIPE` back to its
+//! default action (the supervisor ignores it), stdin, stdout and stderr
+//! from the given descriptors, and the working directory.
+
+use nix::libc;
+use std::ffi::{CStr, CString, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// A queue's worker environment, as pairs and as `KEY=VALUE` C strings.
+#[derive(Debug)]
+pub struct BaseEnv {
+    pairs: Vec<(OsString, OsString)>,
+    /// None when a name or value holds a NUL byte (`Command` then reports
+    /// the error).
+    entries: Option<Vec<CString>>,
+}
+
+impl BaseEnv {
+    pub fn new(pairs: Vec<(OsString, OsString)>) -> BaseEnv {
+        let entries = pairs
+            .iter()
+            .map(|(k, v)| {
+                let mut e = Vec::with_capacity(k.len() + v.len() + 1);
+                e.extend_from_slice(k.as_bytes());
+                e.push(b'=');
+                e.extend_from_slice(v.as_bytes());
+                CString::new(e).ok()
+            })
+            .collect();
+        BaseEnv { pairs, entries }
+    }
+
+    pub fn pairs(&self) -> &[(OsString, OsString)] {
+        &self.pairs
+    }
+}
+
+impl Default for BaseEnv {
+    /// No variables.
+    fn default() -> BaseEnv {
+        BaseEnv::new(Vec::new())
+    }
+}
+
+/// A worker started by [`spawn`]: waited for through its pidfd, killed and
+/// reaped when dropped before its exit was collected.
+pub struct Child {
+    pid: libc::pid_t,
+    pidfd: AsyncFd<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    pub fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// Waits for the worker's exit and reaps it; cancel-safe, and again
+    /// after the exit gives the same status.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        loop {
+            let mut ready = self.pidfd.readable().await?;
+            let mut raw = 0;
+            // SAFETY: waitpid on our own child, not yet reaped.
+            let r = unsafe { libc::waitpid(self.pid, &mut raw, libc::WNOHANG) };
+            match r {
+                0 => ready.clear_ready(),
+                -1 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                _ => {
+                    let s = ExitStatus::from_raw(raw);
+                    self.status = Some(s);
+                    return Ok(s);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        // SAFETY: signalling and reaping our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            let mut raw = 0;
+            if libc::waitpid(self.pid, &mut raw, libc::WNOHANG) == 0 {
+                let pid = self.pid;
+                // Not dead yet: reaped off the runtime once it is.
+                std::thread::spawn(move || libc::waitpid(pid, &mut 0, 0));
+            }
+        }
+    }
+}
+
+/// Whether [`spawn`] can start this worker: a command that is a path (no
+/// search of `PATH`) and standard descriptors that are not 0, 1 or 2.
+pub fn usable(program: &str, fds: [RawFd; 3]) -> bool {
+    program.contains('/') && fds.iter().all(|&fd| fd > 2)
+}
+
+/// Starts `argv` with the queue's environment plus `vars` (which win over
+/// the queue's on a shared name), `fds` as its stdin, stdout and stderr, in
+/// `dir`, as the leader of a new process group. The caller closes its copies
+/// of `fds` afterwards.
+pub fn spawn<K: AsRef<str>, V: AsRef<str>>(
+    argv: &[String],
+    base: &BaseEnv,
+    vars: &[(K, V)],
+    dir: Option<&Path>,
+    fds: [RawFd; 3],
+) -> io::Result<Child> {
+    let invalid = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nul byte found in provided data",
+        )
+    };
+    let Some(base_entries) = &base.entries else {
+        return Err(invalid());
+    };
+    let args: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| invalid()))
+        .collect::<io::Result<_>>()?;
+    let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argp.push(std::ptr::null());
+
+    // The job's variables, each `KEY=VALUE\0`, in one buffer.
+    let mut own = Vec::with_capacity(
+        vars.iter()
+            .map(|(k, v)| k.as_ref().len() + v.as_ref().len() + 2)
+            .sum(),
+    );
+    let mut ends = Vec::with_capacity(vars.len());
+    for (k, v) in vars {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        if k.contains('\0') || v.contains('\0') {
+            return Err(invalid());
+        }
+        own.extend_from_slice(k.as_bytes());
+        own.push(b'=');
+        own.extend_from_slice(v.as_bytes());
+        own.push(0);
+        ends.push(own.len());
+    }
+    let mut envp: Vec<*const libc::c_char> =
+        Vec::with_capacity(vars.len() + base_entries.len() + 1);
+    let mut start = 0;
+    for end in ends {
+        envp.push(own[start..end].as_ptr().cast());
+        start = end;
+    }
+    for e in base_entries {
+        let bytes = e.as_bytes();
+        let name = &bytes[..bytes.iter().position(|&b| b == b'=').unwrap_or(bytes.len())];
+        if !vars.iter().any(|(k, _)| k.as_ref().as_bytes() == name) {
+            envp.push(e.as_ptr());
+        }
+    }
+    envp.push(std::ptr::null());
+
+    let dir = dir
+        .map(|d| CString::new(d.as_os_str().as_bytes()).map_err(|_| invalid()))
+        .transpose()?;
+    // SAFETY: every pointer handed to posix_spawn points into `args`,
+    // `own`, `base_entries` or `dir`, which outlive the call; the file
+    // actions and attributes are initialised before use and destroyed after.
+    let pid = unsafe { posix_spawn(&args[0], &argp, &envp, dir.as_deref(), fds)? };
+    let pidfd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // SAFETY: our own child, not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut 0, 0);
+            }
+            return Err(e);
+        }
+    };
+    // SAFETY: the descriptor is owned by the AsyncFd, and stays open until
+    // it is dropped.
+    let pidfd = match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            let e = io::Error::from(e);
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut 0, 0);
+            }
+            return Err(e);
+        }
+    };
+    Ok(Child {
+        pid,
+        pidfd,
+        status: None,
+    })
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: the syscall takes a pid and flags, and returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Checks a posix_spawn* return value.
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+/// # Safety
+/// `argv` and `envp` are NULL-terminated arrays of pointers to C strings
+/// that live through the call.
+unsafe fn posix_spawn(
+    program: &CStr,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    dir: Option<&CStr>,
+    fds: [RawFd; 3],
+) -> io::Result<libc::pid_t> {
+    struct Actions(libc::posix_spawn_file_actions_t);
+    impl Drop for Actions {
+        fn drop(&mut self) {
+            // SAFETY: initialised before an Actions is made.
+            unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
+        }
+    }
+    struct Attrs(libc::posix_spawnattr_t);
+    impl Drop for Attrs {
+        fn drop(&mut self) {
+            // SAFETY: initialised before an Attrs is made.
+            unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+        }
+    }
+    // SAFETY: the caller's contract; the structures are initialised by
+    // their init functions before any other use.
+    unsafe {
+        let mut actions = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        let mut actions = Actions(actions);
+        for (fd, target) in fds.iter().zip(0..) {
+            check(libc::posix_spawn_file_actions_adddup2(
+                &mut actions.0,
+                *fd,
+                target,
+            ))?;
+        }
+        if let Some(dir) = dir {
+            check(libc::posix_spawn_file_actions_addchdir_np(
+                &mut actions.0,
+                dir.as_ptr(),
+            ))?;
+        }
+        let mut attrs = std::mem::zeroed();
+        check(libc::posix_spawnattr_init(&mut attrs))?;
+        let mut attrs = Attrs(attrs);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        check(libc::posix_spawnattr_setsigmask(&mut attrs.0, &set))?;
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        check(libc::posix_spawnattr_setsigdefault(&mut attrs.0, &set))?;
+        check(libc::posix_spawnattr_setpgroup(&mut attrs.0, 0))?;
+        let flags = libc::POSIX_SPAWN_SETPGROUP
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF;
+        check(libc::posix_spawnattr_setflags(
+            &mut attrs.0,
+            flags as libc::c_short,
+        ))?;
+        let mut pid = 0;
+        check(libc::posix_spawn(
+            &mut pid,
+            program.as_ptr(),
+            &actions.0,
+            &attrs.0,
+            argv.as_ptr().cast(),
+            envp.as_ptr().cast(),
+        ))?;
+        Ok(pid)
+    }
+}
+
+/// The raw descriptors of the three child ends.
+pub fn raw(fds: [&OwnedFd; 3]) -> [RawFd; 3] {
+    fds.map(|f| f.as_raw_fd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONE: &[(&str, &str)] = &[];
+
+    fn base(pairs: &[(&str, &str)]) -> BaseEnv {
+        BaseEnv::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                .collect(),
+        )
+    }
+
+    fn dev_null() -> OwnedFd {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap()
+            .into()
+    }
+
+    /// Runs `sh -c script` with the environment, and returns its stdout.
+    async fn output(
+        script: &str,
+        env: &BaseEnv,
+        vars: &[(&str, &str)],
+        dir: Option<&Path>,
+    ) -> (String, ExitStatus) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = dev_null();
+        let argv = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+        let mut child = spawn(&argv, env, vars, dir, raw([&null, &w, &null])).unwrap();
+        drop(w);
+        let status = child.wait().await.unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        (out, status)
+    }
+
+    #[tokio::test]
+    async fn the_job_s_variables_win_over_the_queue_s() {
+        let env = base(&[("PATH", "/usr/bin:/bin"), ("A", "queue"), ("B", "queue")]);
+        let (out, status) = output(
+            "echo \"$A $B $C\"; pwd",
+            &env,
+            &[("A", "job"), ("C", "job")],
+            Some(Path::new("/tmp")),
+        )
+        .await;
+        assert!(status.success());
+        assert_eq!(out, "job queue job\n/tmp\n");
+    }
+
+    #[tokio::test]
+    async fn the_worker_leads_its_own_group_with_sigpipe_at_its_default() {
+        let env = base(&[]);
+        // Field 5 of /proc/self/stat is the process group; SigIgn is the
+        // mask of ignored signals (SIGPIPE is bit 13).
+        let (out, status) = output(
+            "cut -d' ' -f5 /proc/$$/stat; echo $$; grep SigIgn /proc/$$/status; exit 3",
+            &env,
+            NONE,
+            None,
+        )
+        .await;
+        assert_eq!(status.code(), Some(3));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], lines[1], "group id = pid: {out}");
+        let ignored = u64::from_str_radix(lines[2].split_whitespace().nth(1).unwrap(), 16).unwrap();
+        assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_or_directory_is_an_error() {
+        let null = dev_null();
+        let fds = raw([&null, &null, &null]);
+        let e = spawn(&["/nonexistent/worker".into()], &base(&[]), NONE, None, fds)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let e = spawn(
+            &["/bin/true".into()],
+            &base(&[]),
+            NONE,
+            Some(Path::new("/nonexistent")),
+            fds,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let e = spawn(
+            &["/bin/true".into()],
+            &base(&[]),
+            &[("A", "x\0y")],
+            None,
+            fds,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn a_child_dropped_unreaped_is_killed_and_reaped() {
+        let null = dev_null();
+        let child = spawn(
+            &["/bin/sleep".into(), "30".into()],
+            &base(&[]),
+            NONE,
+            None,
+            raw([&null, &null, &null]),
+        )
+        .unwrap();
+        let pid = child.id() as i32;
+        drop(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Gone from the process table once reaped.
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(std::time::Instant::now() < deadline, "{pid} still there");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
