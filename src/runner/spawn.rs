@@ -119,9 +119,22 @@ impl Drop for Child {
 }
 
 /// Whether [`spawn`] can start this worker: a command that is a path (no
-/// search of `PATH`) and standard descriptors that are not 0, 1 or 2.
+/// search of `PATH`), standard descriptors that are not 0, 1 or 2, and a
+/// kernel (or seccomp policy) that gives pidfds.
 pub fn usable(program: &str, fds: [RawFd; 3]) -> bool {
-    program.contains('/') && fds.iter().all(|&fd| fd > 2)
+    program.contains('/') && fds.iter().all(|&fd| fd > 2) && pidfds()
+}
+
+/// Whether `pidfd_open` works here, tried once on this process.
+fn pidfds() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let works = pidfd_open(std::process::id() as libc::pid_t).is_ok();
+        if !works {
+            tracing::debug!("no pidfd_open here: workers are started through std's Command");
+        }
+        works
+    })
 }
 
 /// Starts `argv` with the queue's environment plus `vars` (which win over
