@@ -413,30 +413,23 @@ mod tests {
     async fn a_missing_program_or_directory_is_an_error() {
         let null = dev_null();
         let fds = raw([&null, &null, &null]);
-        let e = spawn(&["/nonexistent/worker".into()], &base(&[]), NONE, None, fds)
-            .err()
-            .unwrap();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let e = spawn(
-            &["/bin/true".into()],
-            &base(&[]),
-            NONE,
-            Some(Path::new("/nonexistent")),
-            fds,
-        )
-        .err()
-        .unwrap();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let e = spawn(
-            &["/bin/true".into()],
-            &base(&[]),
-            &[("A", "x\0y")],
-            None,
-            fds,
-        )
-        .err()
-        .unwrap();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let fails = |program: &str, dir: Option<&str>, vars: &[(&str, &str)]| {
+            spawn(&[program.into()], &base(&[]), vars, dir.map(Path::new), fds)
+                .err()
+                .map(|e| e.kind())
+        };
+        assert_eq!(
+            fails("/nonexistent/worker", None, NONE),
+            Some(io::ErrorKind::NotFound)
+        );
+        assert_eq!(
+            fails("/bin/true", Some("/nonexistent"), NONE),
+            Some(io::ErrorKind::NotFound)
+        );
+        assert_eq!(
+            fails("/bin/true", None, &[("A", "x\0y")]),
+            Some(io::ErrorKind::InvalidInput)
+        );
     }
 
     #[tokio::test]
