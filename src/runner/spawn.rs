@@ -32,7 +32,16 @@ pub struct BaseEnv {
 }
 
 impl BaseEnv {
-    pub fn new(pairs: Vec<(OsString, OsString)>) -> BaseEnv {
+    /// A name given twice keeps its last value, as with `Command`.
+    pub fn new(mut pairs: Vec<(OsString, OsString)>) -> BaseEnv {
+        let mut i = 0;
+        while i < pairs.len() {
+            if pairs[i + 1..].iter().any(|(k, _)| *k == pairs[i].0) {
+                pairs.remove(i);
+            } else {
+                i += 1;
+            }
+        }
         let entries = pairs
             .iter()
             .map(|(k, v)| {
@@ -101,18 +110,55 @@ impl Child {
 }
 
 impl Drop for Child {
+    /// Kills and reaps a worker whose exit was not collected (its job was
+    /// dropped: a panic, the runtime shutting down), through its pidfd, so
+    /// that a pid the PID-1 reaper took and the kernel gave to another
+    /// process is never signalled or waited for.
     fn drop(&mut self) {
         if self.status.is_some() {
             return;
         }
-        // SAFETY: signalling and reaping our own child, not yet reaped.
+        let fd = self.pidfd.get_ref().as_raw_fd();
+        // SAFETY: pidfd_send_signal and waitid on a pidfd we own; the
+        // siginfo is written by the kernel only.
         unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            let mut raw = 0;
-            if libc::waitpid(self.pid, &mut raw, libc::WNOHANG) == 0 {
-                let pid = self.pid;
-                // Not dead yet: reaped off the runtime once it is.
-                std::thread::spawn(move || libc::waitpid(pid, &mut 0, 0));
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            if libc::waitid(
+                libc::P_PIDFD,
+                fd as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            ) == 0
+                && info.si_pid() == 0
+            {
+                // Not dead yet: reaped off the runtime once it is, if a
+                // thread can be had (else it stays a zombie until exit).
+                if let Ok(dup) = self.pidfd.get_ref().try_clone() {
+                    let _ = std::thread::Builder::new().spawn(move || {
+                        // The pidfd is non-blocking, so waitid would not
+                        // wait: poll for the exit first.
+                        let mut poll = libc::pollfd {
+                            fd: dup.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        libc::poll(&mut poll, 1, -1);
+                        let mut info: libc::siginfo_t = std::mem::zeroed();
+                        libc::waitid(
+                            libc::P_PIDFD,
+                            dup.as_raw_fd() as libc::id_t,
+                            &mut info,
+                            libc::WEXITED | libc::WNOHANG,
+                        );
+                    });
+                }
             }
         }
     }
@@ -378,7 +424,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_job_s_variables_win_over_the_queue_s() {
-        let env = base(&[("PATH", "/usr/bin:/bin"), ("A", "queue"), ("B", "queue")]);
+        let env = base(&[
+            ("PATH", "/usr/bin:/bin"),
+            ("A", "queue"),
+            ("B", "first"),
+            ("B", "queue"),
+        ]);
         let (out, status) = output(
             "echo \"$A $B $C\"; pwd",
             &env,
