@@ -566,7 +566,9 @@ fn republish(
         base_size + headers::encoded_size(table) + extra
     };
     let mut dropped: Vec<String> = Vec::new();
-    let mut dropped_value = earlier_drops.clone().unwrap_or_default();
+    // The publisher's value is theirs to make as long as they like: cut
+    // like any other.
+    let mut dropped_value = dropped_list(earlier_drops.as_deref(), &[]);
     if size(&table, &dropped_value) + stderr_len > frame_max {
         // The publisher's headers, largest first.
         let mut copied: Vec<(usize, String)> = table
@@ -1190,6 +1192,25 @@ mod tests {
                 );
                 assert_eq!(r.dropped, ["big"]);
             }
+        }
+    }
+
+    /// A publisher's own dropped-headers header longer than a frame: the
+    /// dead letter still fits, with the value cut.
+    #[test]
+    fn a_huge_dropped_headers_header_from_the_publisher_is_cut() {
+        let cfg = queue("");
+        let mut h = FieldTable::default();
+        h.insert(DROPPED_HEADER.into(), long_string(&"v".repeat(20_000)));
+        let props = BasicProperties::default().with_headers(h);
+        for outcome in [Outcome::Redelivered, Outcome::Exit(1), Outcome::Exit(65)] {
+            let p = plan_of(delivered(&props), &cfg, 1, &ended(outcome), 8_192);
+            let r = p.republish.expect("a retry or dead letter");
+            assert!(headers::header_frame_size(&r.properties) <= 8_192 - broker_reserve(&cfg));
+            let Some(AMQPValue::LongString(v)) = header(&r.properties, DROPPED_HEADER) else {
+                panic!("no {DROPPED_HEADER}");
+            };
+            assert!(v.as_bytes().len() <= DROPPED_MAX);
         }
     }
 

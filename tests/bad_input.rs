@@ -90,6 +90,16 @@ async fn every_bad_input_gets_a_clear_outcome() {
         // header must shrink to fit, or the broker closes the connection.
         Case { name: "frame-filling-headers", command: "[\"/bin/sh\", \"-c\", \"cat >/dev/null; yes e | head -c 5000 >&2; echo last-line >&2; exit 65\"]".into(), extra: "", body: b"x".to_vec(),
             props: BasicProperties::default().with_headers(headers(1, |_| AMQPValue::LongString(LongString::from("v".repeat(127_500))))), expect: Expect::Dead("65") },
+        // A publisher's own dropped-headers header filling the frame: the
+        // dead letter carries the value on, and with our headers beside it
+        // the broker would close the connection (and redeliver, for ever)
+        // unless the value is cut like the dead letter's other headers.
+        Case { name: "frame-filling-dropped-header", command: "[\"/bin/sh\", \"-c\", \"cat >/dev/null; exit 65\"]".into(), extra: "", body: b"x".to_vec(),
+            props: BasicProperties::default().with_headers({
+                let mut t = FieldTable::default();
+                t.insert("x-amqp-exec-dropped-headers".into(), AMQPValue::LongString(LongString::from("v".repeat(130_800))));
+                t
+            }), expect: Expect::Dead("65") },
         // lapin parses headers recursively on its own thread: with the
         // default 2 MiB stack this depth aborted the (debug) supervisor.
         Case { name: "very-deep-headers", command: recorder("very-deep-headers"), extra: "", body: b"x".to_vec(),
