@@ -7,21 +7,6 @@ use common::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-/// `rabbitmqctl list_queues name <column>`: (queue, value) for every queue.
-fn list_queues(column: &str) -> Vec<(String, String)> {
-    let out = rabbitmqctl_command()
-        .args(["-q", "list_queues", "name", column])
-        .output()
-        .expect("rabbitmqctl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some((f.next()?.to_owned(), f.next()?.to_owned()))
-        })
-        .collect()
-}
-
 fn queue_types(prefix: &str) -> Vec<(String, String)> {
     list_queues("type")
         .into_iter()

@@ -55,6 +55,17 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Every queue's name and `column`, from `rabbitmqctl list_queues`.
+pub fn list_queues(column: &str) -> Vec<(String, String)> {
+    rabbitmqctl(&["-q", "list_queues", "name", column])
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.to_owned()))
+        })
+        .collect()
+}
+
 /// A broker user of the test's own, with all rights on the default vhost;
 /// deleted when dropped.
 pub struct BrokerUser {
@@ -556,11 +567,22 @@ impl Supervisor {
                 return status;
             }
             if start.elapsed() > timeout {
+                // What it still runs, and its own last lines without the
+                // workers' output, come first: a long panic message may be
+                // cut in the middle.
+                let children = children_of(self.pid());
+                let log = self.log_text();
+                let own: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("amqp_exec::worker:"))
+                    .collect();
+                let own = own[own.len().saturating_sub(25)..].join("\n");
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 panic!(
-                    "amqp-exec did not exit within {timeout:?}; log:\n{}",
-                    tail(&self.log_text(), 60)
+                    "amqp-exec did not exit within {timeout:?}; its children: {children:?}; \
+                     its own last lines:\n{own}\nlog:\n{}",
+                    tail(&log, 40)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -611,6 +633,32 @@ impl Drop for Supervisor {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The command lines of `pid`'s children.
+pub fn children_of(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .map(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            format!("{p}: {}", String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect()
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
