@@ -158,9 +158,24 @@ async fn every_bad_input_gets_a_clear_outcome() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // A graceful stop lets running jobs finish; an unacked one would return
-    // to its queue, which is checked below.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every job has ended (the 1 GiB one last): none of the messages is
+    // still unacked. The stop below then has nothing to wait for; a message
+    // it left unacked would return to its queue, which is checked below.
+    loop {
+        let unacked: Vec<(String, String)> = list_queues("messages_unacknowledged")
+            .into_iter()
+            .filter(|(n, v)| queues.contains(n) && v != "0")
+            .collect();
+        if unacked.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "jobs still running: {unacked:?}\n{}",
+            tail(&sup.log_text(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let rss = sup.peak_rss_kib() / 1024;
     sup.signal(nix::sys::signal::Signal::SIGTERM);
     sup.wait_success(Duration::from_secs(30)).await;
