@@ -649,6 +649,29 @@ impl LogBudget {
         }
     }
 
+    /// Whether no line is left.
+    fn spent(&self) -> bool {
+        self.left.load(Ordering::Relaxed) == 0
+    }
+
+    /// Takes `lines` from the budget at once, none of them logged; those
+    /// beyond it are counted.
+    fn take_unlogged(&self, lines: usize) {
+        if lines == 0 {
+            return;
+        }
+        let left = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(lines))
+            })
+            .unwrap_or(0);
+        let beyond = lines.saturating_sub(left);
+        if beyond > 0 {
+            self.skipped.fetch_add(beyond, Ordering::Relaxed);
+        }
+    }
+
     /// Takes one line from the budget; false (and counted) when none is left.
     fn take(&self) -> bool {
         let took = self
@@ -677,7 +700,8 @@ async fn pump<R: AsyncRead + Unpin>(
         return;
     };
     // On the heap and not zeroed: an array here would be part of every job's
-    // future, which is copied when the job's task is spawned.
+    // future, which is copied when the job's task is spawned. Small at
+    // first; a worker that fills it gets the pipe's whole capacity at a time.
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // The line being read (kept only when logged), how many of its bytes
     // were cut, and whether the last chunk ended inside a line.
@@ -685,38 +709,45 @@ async fn pump<R: AsyncRead + Unpin>(
     let mut dropped = 0usize;
     let mut partial = false;
     loop {
+        if buf.len() == buf.capacity() && buf.capacity() < READ_CHUNK_MAX {
+            buf.reserve_exact(READ_CHUNK_MAX - buf.capacity());
+        }
         buf.clear();
-        // Into the spare capacity: READ_CHUNK bytes after the clear.
+        // Into the spare capacity: the whole buffer after the clear.
         match reader.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
         sink.push(&buf);
         partial = buf.last() != Some(&b'\n');
-        let mut pieces = buf.split(|&b| b == b'\n');
-        // `split` always yields at least one piece: the rest after the last newline.
-        let rest = pieces.next_back().unwrap_or_default();
-        for whole in pieces {
-            if logged {
-                take_bounded(&mut line, &mut dropped, whole);
-            }
-            if budget.take() && logged {
+        if !logged || budget.spent() {
+            // Only counted: none of these lines is logged.
+            budget.take_unlogged(memchr::memchr_iter(b'\n', &buf).count());
+            continue;
+        }
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', &buf) {
+            take_bounded(&mut line, &mut dropped, &buf[start..end]);
+            if budget.take() {
                 log_line(&line, dropped, stream, log, pid);
             }
             line.clear();
             dropped = 0;
+            start = end + 1;
         }
-        if logged {
-            take_bounded(&mut line, &mut dropped, rest);
-        }
+        take_bounded(&mut line, &mut dropped, &buf[start..]);
     }
     if partial && budget.take() && logged {
         log_line(&line, dropped, stream, log, pid);
     }
 }
 
-/// Bytes read from a worker's pipe at a time.
+/// Bytes read from a worker's pipe at a time, at first.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// Bytes read at a time from a worker that filled [`READ_CHUNK`]: a pipe's
+/// default capacity.
+const READ_CHUNK_MAX: usize = 64 * 1024;
 
 fn take_bounded(line: &mut Vec<u8>, dropped: &mut usize, data: &[u8]) {
     let room = MAX_LOG_LINE.saturating_sub(line.len());
@@ -787,6 +818,46 @@ mod tests {
         assert_eq!(budget.skipped.load(Ordering::Relaxed), 2);
         let none = LogBudget::new(0);
         assert!(!none.take());
+        let bulk = LogBudget::new(3);
+        bulk.take_unlogged(2);
+        assert!(!bulk.spent());
+        bulk.take_unlogged(5);
+        assert!(bulk.spent());
+        assert_eq!(bulk.skipped.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn output_lines_are_counted_across_reads_logged_or_not() {
+        let log = ctx();
+        let mut text = Vec::new();
+        for i in 0..100 {
+            text.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        // A line longer than the largest read, then one without a newline.
+        text.extend(std::iter::repeat_n(b'x', 3 * READ_CHUNK_MAX));
+        text.extend_from_slice(b"\nno newline at the end");
+        for logged in [false, true] {
+            let budget = LogBudget::new(40);
+            let mut sink = Sink::tail(16);
+            let stream = Stream::Stderr;
+            pump(
+                Some(&text[..]),
+                &mut sink,
+                stream,
+                logged,
+                &log,
+                None,
+                &budget,
+            )
+            .await;
+            // 102 lines, the last one cut short by the end.
+            assert_eq!(
+                budget.skipped.load(Ordering::Relaxed),
+                62,
+                "logged: {logged}"
+            );
+            assert_eq!(sink.into_bytes(), &text[text.len() - 16..]);
+        }
     }
 
     /// Alive and not a zombie, allowing a second for a signal already sent
