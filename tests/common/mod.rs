@@ -567,21 +567,23 @@ impl Supervisor {
                 return status;
             }
             if start.elapsed() > timeout {
-                // What it still runs, and its own last lines without the
-                // workers' output, come first: a long panic message may be
-                // cut in the middle.
+                // What it still runs and its own last lines (without the
+                // workers' output) come first, on one line: a long panic
+                // message may be cut in the middle.
                 let children = children_of(self.pid());
                 let log = self.log_text();
                 let own: Vec<&str> = log
                     .lines()
                     .filter(|l| !l.contains("amqp_exec::worker:"))
                     .collect();
-                let own = own[own.len().saturating_sub(25)..].join("\n");
+                let last = own[own.len().saturating_sub(4)..].join(" | ");
+                let connections = log.matches("connected to").count();
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 panic!(
-                    "amqp-exec did not exit within {timeout:?}; its children: {children:?}; \
-                     its own last lines:\n{own}\nlog:\n{}",
+                    "amqp-exec did not exit within {timeout:?}; connections: {connections}; \
+                     children: {children:?}; last own lines: {last}\nown lines:\n{}\nlog:\n{}",
+                    own[own.len().saturating_sub(25)..].join("\n"),
                     tail(&log, 40)
                 );
             }
