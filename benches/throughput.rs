@@ -17,6 +17,10 @@
 //! its start (a small C program built with `cc`, else this binary). Memory
 //! modes run at concurrency 64 with 1 KiB and 1 MiB bodies.
 //!
+//! A worker's output: the supervisor's CPU per MiB of a worker's stdout,
+//! logged at `info`, as one endless line and as empty lines, against this
+//! process reading the same output from a pipe 64 KiB at a time.
+//!
 //! Then, with a realistic worker, an interpreter that does about 2 ms of
 //! work (`php -r` and `python3 -c`, those installed), ours against (a)
 //! starting the same interpreter, at concurrency 1 and 4; and the
@@ -842,6 +846,48 @@ struct RealRow {
     cpu_us_per_job: f64,
 }
 
+/// The supervisor's CPU µs per MiB of a worker's stdout logged at `info`
+/// (`script` writes `mib` MiB; a run of a worker that writes nothing is
+/// taken off, so that start-up drops out), and this process's CPU µs per
+/// MiB reading the same output from a pipe, 64 KiB at a time: medians over
+/// `rounds`.
+async fn output_cost(
+    broker: &Broker,
+    queue: &str,
+    script: &str,
+    mib: usize,
+    rounds: usize,
+) -> (f64, f64) {
+    let sh = |s: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), s.to_owned()];
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let mut cpu = Vec::new();
+        for s in [script, "cat >/dev/null"] {
+            broker.fresh_queue(queue).await;
+            broker.publish(queue, 1, b"x").await;
+            let config = queue_config_argv(queue, 1, &sh(s));
+            cpu.push(run_supervisor(&config, 1, &[("RUST_LOG", "info")]).cpu_us_per_job);
+        }
+        ours.push((cpu[0] - cpu[1]) / mib as f64);
+        let meter = Meter::start();
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        while std::io::Read::read(&mut out, &mut buf).unwrap() > 0 {}
+        child.wait().unwrap();
+        bare.push(meter.finish(1).cpu_us_per_job / mib as f64);
+    }
+    broker.delete(queue).await;
+    (
+        median(ours).unwrap_or(f64::NAN),
+        median(bare).unwrap_or(f64::NAN),
+    )
+}
+
 /// Workers that do about 2 ms of work in an interpreter, as a PHP or
 /// Python script would: (name, argv), for those installed.
 fn realistic_workers() -> Vec<(&'static str, Vec<String>)> {
@@ -923,7 +969,10 @@ async fn realistic(broker: &Broker, queue: &str, n: usize, rounds: usize) -> Vec
 /// `count-alloc`), built beside this build's binary when the benchmark was
 /// not built with the feature; None when it cannot be built.
 fn count_alloc_bin() -> Option<String> {
-    if let Some(bin) = option_env!("CARGO_BIN_EXE_amqp-exec-count-alloc") {
+    // Cargo names it whether or not this build made it.
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_amqp-exec-count-alloc")
+        && std::path::Path::new(bin).is_file()
+    {
         return Some(bin.to_owned());
     }
     let profile_dir = std::path::Path::new(BIN).parent()?;
@@ -1169,6 +1218,19 @@ async fn main() {
             o.rate, o.peak_rss_mib, o.cpu_us_per_job
         );
         memory.push((label, o));
+    }
+
+    // A worker that writes a lot: what reading and logging it costs.
+    for (label, script) in [
+        ("one endless line", "head -c 1073741824 /dev/zero"),
+        ("empty lines", "yes '' | head -c 1073741824"),
+    ] {
+        let (ours, bare) = output_cost(&broker, &queue, script, 1024, rounds).await;
+        println!(
+            "worker output, 1 GiB as {label}: {ours:.0} µs supervisor CPU per MiB, \
+             {bare:.0} µs for a bare 64 KiB pipe reader, ratio {:.1}",
+            ours / bare
+        );
     }
 
     // Realistic workers: an interpreter doing about 2 ms of work.
