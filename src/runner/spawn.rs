@@ -26,9 +26,9 @@ use tokio::io::unix::AsyncFd;
 #[derive(Debug)]
 pub struct BaseEnv {
     pairs: Vec<(OsString, OsString)>,
-    /// None when a name or value holds a NUL byte (`Command` then reports
-    /// the error).
-    entries: Option<Vec<CString>>,
+    /// Each with the length of its name. None when a name or value holds a
+    /// NUL byte (`Command` then reports the error).
+    entries: Option<Vec<(CString, usize)>>,
 }
 
 impl BaseEnv {
@@ -49,7 +49,7 @@ impl BaseEnv {
                 e.extend_from_slice(k.as_bytes());
                 e.push(b'=');
                 e.extend_from_slice(v.as_bytes());
-                CString::new(e).ok()
+                CString::new(e).ok().map(|e| (e, k.len()))
             })
             .collect();
         BaseEnv { pairs, entries }
@@ -235,9 +235,8 @@ pub fn spawn<K: AsRef<str>, V: AsRef<str>>(
         envp.push(own[start..end].as_ptr().cast());
         start = end;
     }
-    for e in base_entries {
-        let bytes = e.as_bytes();
-        let name = &bytes[..bytes.iter().position(|&b| b == b'=').unwrap_or(bytes.len())];
+    for (e, name_len) in base_entries {
+        let name = &e.as_bytes()[..*name_len];
         if !vars.iter().any(|(k, _)| k.as_ref().as_bytes() == name) {
             envp.push(e.as_ptr());
         }
