@@ -19,7 +19,9 @@
 #
 # The chroot is built once (debootstrap, about 400 MB) under
 # $AMQP_EXEC_TEST_BROKERS (default /var/cache/amqp-exec-test) and reused;
-# `up` is fast when it exists and the nodes run. Needs root.
+# `up` is fast when it exists and the nodes run. A node that does not start
+# is started once more; then `up` fails with the end of its logs (the
+# chroot's /var/log/rabbitmq/NODE.out holds what it printed). Needs root.
 set -euo pipefail
 
 BASE=${AMQP_EXEC_TEST_BROKERS:-/var/cache/amqp-exec-test}
@@ -127,6 +129,9 @@ EOF
 
 answers() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
+# A node runs in the foreground of its own session, its output in
+# /var/log/rabbitmq/NODE.out of the chroot: errors from before its logger
+# starts (a taken port, say) land there, where `-detached` would drop them.
 start_node() {
     local node=$1 port
     port=$(amqp_port "$node")
@@ -138,18 +143,73 @@ start_node() {
     : >"$ROOT/var/lib/rabbitmq/$node.plugins"
     # A small config: no disk alarm on a busy test disk; the rest default.
     printf 'disk_free_limit.absolute = 50MB\n' >"$ROOT/var/lib/rabbitmq/$node.conf"
+    mkdir -p "$ROOT/var/log/rabbitmq"
     chown -R "$(owner)" "$ROOT/var/lib/rabbitmq" "$ROOT/var/log/rabbitmq"
-    in_node "$node" rabbitmq-server -detached
+    setsid "$0" _run "$node" >"$ROOT/var/log/rabbitmq/$node.out" 2>&1 </dev/null &
+    echo $! >"$BASE/$node.launcher"
 }
 
+# The process that runs a node started by start_node, while it runs.
+launcher_alive() {
+    local pid
+    pid=$(cat "$BASE/$1.launcher" 2>/dev/null) || return 1
+    kill -0 "$pid" 2>/dev/null
+}
+
+# Up to 90 s for a node to finish booting; fails at once when its VM exits.
 wait_node() {
     local node=$1 i
     for i in $(seq 1 90); do
         if ctl "$node" await_startup --timeout 2 >/dev/null 2>&1; then
-            return
+            return 0
+        fi
+        if ! launcher_alive "$node"; then
+            say "$node exited while starting"
+            return 1
         fi
         sleep 1
     done
+    say "$node did not finish starting within 90 s"
+    return 1
+}
+
+# What a node that did not start left behind, for the CI log.
+report_node() {
+    local node=$1 port f
+    port=$(amqp_port "$node")
+    for f in "$ROOT/var/log/rabbitmq/$node/$node@localhost.log" "$ROOT/var/log/rabbitmq/$node.out"; do
+        [ -s "$f" ] || continue
+        say "--- last lines of $f"
+        tail -n 25 "$f" >&2
+    done
+    say "--- listeners on ports $port and $(dist_port "$node")"
+    if command -v ss >/dev/null 2>&1; then
+        ss -ltnp "( sport = :$port or sport = :$(dist_port "$node") )" >&2 || true
+    fi
+    say "--- free disk"
+    df -h "$ROOT" >&2 || true
+}
+
+# Stops a node's VM however it is: by rabbitmqctl, else by signal.
+kill_node() {
+    local node=$1 pid
+    ctl "$node" stop >/dev/null 2>&1 || true
+    pid=$(cat "$ROOT/var/lib/rabbitmq/$node.pid" 2>/dev/null) && kill -KILL "$pid" 2>/dev/null || true
+    pid=$(cat "$BASE/$node.launcher" 2>/dev/null) && kill -KILL -- "-$pid" 2>/dev/null || true
+    sleep 1
+}
+
+# Waits for a started node; one more start after a failed one, then it
+# gives up with the node's own words.
+settle_node() {
+    local node=$1
+    wait_node "$node" && return
+    report_node "$node"
+    say "starting $node once more"
+    kill_node "$node"
+    start_node "$node"
+    wait_node "$node" && return
+    report_node "$node"
     die "$node did not start; its log: $ROOT/var/log/rabbitmq/$node"
 }
 
@@ -158,7 +218,7 @@ up() {
     ensure_mounts
     local n
     for n in $(nodes_of "$1"); do start_node "$n"; done
-    for n in $(nodes_of "$1"); do wait_node "$n"; done
+    for n in $(nodes_of "$1"); do settle_node "$n"; done
     if [ "$1" = cluster ]; then
         for n in rabbit82 rabbit83; do
             if ! ctl "$n" cluster_status 2>/dev/null | grep -q rabbit81@localhost; then
@@ -232,10 +292,14 @@ start)
     amqp_port "$node" >/dev/null
     ensure_mounts
     start_node "$node"
-    wait_node "$node"
+    settle_node "$node"
+    ;;
+_run)
+    # start_node's: a node in the foreground, as the chroot's rabbitmq user.
+    in_node "${2:?_run NODE}" rabbitmq-server
     ;;
 *)
-    sed -n '2,23p' "$0" >&2
+    sed -n '2,25p' "$0" >&2
     exit 2
     ;;
 esac
