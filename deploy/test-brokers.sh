@@ -299,7 +299,7 @@ _run)
     in_node "${2:?_run NODE}" rabbitmq-server
     ;;
 *)
-    sed -n '2,25p' "$0" >&2
+    sed -n '2,24p' "$0" >&2
     exit 2
     ;;
 esac
