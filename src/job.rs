@@ -50,12 +50,8 @@ pub use crate::settlement::{
 /// environment string to 128 KiB); `AMQP_EXEC_HEADERS_OMITTED` says so.
 pub const MAX_HEADERS_ENV: usize = 64 * 1024;
 
-/// A job's concurrency slots: its queue's and the instance's.
-type Slots = (OwnedSemaphorePermit, OwnedSemaphorePermit);
-
 /// Held for a job: the queue's concurrency slot and the global one (until
-/// its ack is queued, or it settles otherwise), and its worker's count in
-/// the running workers.
+/// its worker is gone), and its worker's count in the running workers.
 pub struct Permits {
     pub _queue: OwnedSemaphorePermit,
     pub _global: OwnedSemaphorePermit,
@@ -109,8 +105,7 @@ pub async fn handle(
     permits: Permits,
 ) {
     let worker = permits.worker;
-    // Given back once the job's ack is on its way (or when it settles
-    // otherwise): the next worker starts while the ack is written.
+    // Given back when the worker is gone (see below).
     let mut slots = Some((permits._queue, permits._global));
     let cfg = &queue.cfg;
     let props = &delivery.properties;
@@ -227,6 +222,13 @@ pub async fn handle(
         }
     };
     guard.worker_done();
+    // The worker is gone: its slots go back now, and the next job starts
+    // before this one settles (a confirmed republish waits a round trip),
+    // unless the command could not be started, whose pause must come first.
+    if ended.outcome != Outcome::SpawnFailed {
+        slots = None;
+        tokio::task::yield_now().await;
+    }
     running.job.settling.store(true, Ordering::Relaxed);
     if let Some(elapsed) = ran {
         queue.stats.observe_duration(elapsed);
@@ -277,7 +279,7 @@ pub async fn handle(
     guard.settling();
     let settled = tokio::select! {
         biased;
-        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log, &trace, &mut slots) => settled,
+        settled = execute(&plan, &delivery, &settler, &queue, &parts.memory, &guard.key, attempt, &ended, &log, &trace) => settled,
         _ = settler.lost.cancelled() => {
             tracing::warn!(queue = %log.queue, message_id = %log.message_id,
                 "the channel or connection was lost while the job was being settled; the broker will redeliver the message");
@@ -532,7 +534,6 @@ async fn execute(
     ended: &Ended,
     log: &LogContext,
     trace: &JobTrace,
-    slots: &mut Option<Slots>,
 ) -> Settled {
     if let Some(r) = &plan.republish
         && let Err(e) = trace
@@ -607,7 +608,7 @@ async fn execute(
         Settle::Requeue => "nack",
     });
     let settled = match plan.settle {
-        Settle::Ack => ack(delivery, &settler.channel, log, slots).await,
+        Settle::Ack => ack(delivery, &settler.channel, log).await,
         Settle::Requeue => requeue(delivery, log).await,
     };
     span.end((settled == Settled::Lost).then_some(&"the channel closed first"));
@@ -642,24 +643,9 @@ async fn republish(
     }
 }
 
-/// Acks `delivery` and gives back `slots` as soon as the ack is queued for
-/// the connection to write: the job's outcome is settled from then on, and
-/// the next worker need not wait for the write.
-async fn ack(
-    delivery: &Delivery,
-    channel: &SettleChannel,
-    log: &LogContext,
-    slots: &mut Option<Slots>,
-) -> Settled {
-    let acking = channel.ack(delivery);
-    let mut acking = std::pin::pin!(acking);
-    // The first poll queues the ack.
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(acking.as_mut().poll(cx))).await;
-    drop(slots.take());
-    let acked = match first {
-        std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => acking.await,
-    };
+/// Acks `delivery`.
+async fn ack(delivery: &Delivery, channel: &SettleChannel, log: &LogContext) -> Settled {
+    let acked = channel.ack(delivery).await;
     match acked {
         Ok(true) => Settled::Acked,
         Ok(false) => {
