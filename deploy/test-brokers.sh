@@ -145,7 +145,7 @@ start_node() {
     printf 'disk_free_limit.absolute = 50MB\n' >"$ROOT/var/lib/rabbitmq/$node.conf"
     mkdir -p "$ROOT/var/log/rabbitmq"
     chown -R "$(owner)" "$ROOT/var/lib/rabbitmq" "$ROOT/var/log/rabbitmq"
-    setsid "$0" _run "$node" >"$ROOT/var/log/rabbitmq/$node.out" 2>&1 </dev/null &
+    setsid bash "$0" _run "$node" >"$ROOT/var/log/rabbitmq/$node.out" 2>&1 </dev/null &
     echo $! >"$BASE/$node.launcher"
 }
 
