@@ -131,8 +131,8 @@ pub async fn run(
     } = pipes;
     let spawning = crate::reaper::spawning();
     let child_fds = spawn::raw([&child_stdin, &child_stdout, &child_stderr]);
-    // Straight through posix_spawn when no hook between fork and exec is
-    // needed; else through Command, which runs the sandbox's hook.
+    // Straight through a vfork-style clone when no hook between fork and
+    // exec is needed; else through Command, which runs the sandbox's hook.
     let spawned = if *job.sandbox == Sandbox::default() && spawn::usable(&job.command[0], child_fds)
     {
         let spawned = spawn::spawn(
