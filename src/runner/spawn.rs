@@ -13,13 +13,15 @@
 //! ignored), stdin, stdout and stderr from the given descriptors, and the
 //! working directory.
 //!
-//! glibc's `posix_spawn` does the same in its child, but asks for and sets
-//! the action of every one of the 64 signals there, about 125 system calls
-//! while the supervisor's thread waits (20 to 25 µs per worker here), and
-//! checks the descriptor limit six times. The child here looks only at the
-//! 31 standard signals, as the supervisor installs no handler for a
-//! real-time one, and `CLONE_PIDFD` hands over the worker's pidfd with its
-//! pid, so that a worker is never started without one.
+//! glibc's `posix_spawn` does the same in its child, but sets the action of
+//! nearly every signal there, handled or not, about 125 system calls while
+//! the supervisor's thread waits, and checks the descriptor limit six
+//! times. The child here only asks for each action and sets the handled
+//! ones (about 70 calls, 4 of them sets), and `CLONE_PIDFD` hands over the
+//! worker's pidfd with its pid, so that a worker is never started without
+//! one. Unlike `posix_spawn`, it leaves glibc's two internal signals (32
+//! and 33) as the supervisor has them rather than ignored, as fork and exec
+//! would.
 
 use nix::libc;
 use std::ffi::{CStr, CString, OsString};
@@ -152,20 +154,17 @@ impl Drop for Child {
                 // thread can be had (else it stays a zombie until exit).
                 if let Ok(dup) = self.pidfd.get_ref().try_clone() {
                     let _ = std::thread::Builder::new().spawn(move || {
-                        // Waits for the exit, then reaps without blocking.
-                        let mut poll = libc::pollfd {
-                            fd: dup.as_raw_fd(),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        };
-                        libc::poll(&mut poll, 1, -1);
+                        // The pidfd from clone blocks: waitid waits.
                         let mut info: libc::siginfo_t = std::mem::zeroed();
-                        libc::waitid(
+                        while libc::waitid(
                             libc::P_PIDFD,
                             dup.as_raw_fd() as libc::id_t,
                             &mut info,
-                            libc::WEXITED | libc::WNOHANG,
-                        );
+                            libc::WEXITED,
+                        ) != 0
+                            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+                        {
+                        }
                     });
                 }
             }
@@ -194,35 +193,28 @@ fn pidfds() -> bool {
     })
 }
 
-/// Starts a child that exits at once, as [`spawn`] starts workers.
+/// Starts a child that exits at once, as [`spawn`] starts workers, and
+/// reaps it through its pidfd, as [`Child`]'s drop does.
 fn clone_works() -> bool {
     extern "C" fn exit_now(_: *mut libc::c_void) -> libc::c_int {
         // SAFETY: ends the child without touching the parent's memory.
         unsafe { libc::_exit(0) }
     }
-    // SAFETY: as in `clone_exec`; the child only exits.
-    unsafe {
-        let mut stack = Box::<[u8]>::new_uninit_slice(4096);
-        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
-        let mut pidfd: libc::c_int = -1;
-        let pid = libc::clone(
-            exit_now,
-            top.map_addr(|a| a & !15),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
-            std::ptr::null_mut(),
-            &raw mut pidfd,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::pid_t>(),
-        );
-        if pid <= 0 {
-            return false;
+    // SAFETY: the child only exits.
+    match unsafe { clone_vfork(exit_now, std::ptr::null_mut()) } {
+        Ok((_, pidfd)) => {
+            // SAFETY: waitid on a pidfd we own; the kernel writes `info`.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PIDFD,
+                    pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED,
+                ) == 0
+            }
         }
-        libc::waitpid(pid, &mut 0, 0);
-        if pidfd < 0 {
-            return false;
-        }
-        drop(OwnedFd::from_raw_fd(pidfd));
-        true
+        Err(_) => false,
     }
 }
 
@@ -298,9 +290,9 @@ pub fn spawn<K: AsRef<str>, V: AsRef<str>>(
         Ok(fd) => fd,
         Err(e) => {
             let e = io::Error::from(e);
-            // SAFETY: our own child, not yet reaped.
+            // SAFETY: our own child, not yet reaped, the leader of its group.
             unsafe {
-                libc::kill(pid, libc::SIGKILL);
+                libc::kill(-pid, libc::SIGKILL);
                 libc::waitpid(pid, &mut 0, 0);
             }
             return Err(e);
@@ -332,16 +324,64 @@ struct ChildPlan<'a> {
     envp: *const *const libc::c_char,
     dir: Option<&'a CStr>,
     fds: [RawFd; 3],
+    /// The real-time signals (glibc keeps the few below them for itself).
+    rt: std::ops::RangeInclusive<libc::c_int>,
     /// An `errno`, written by the child; 0 when it reached `execve`.
     err: libc::c_int,
 }
 
-/// The child's stack: `clone_exec`'s child calls a few libc functions only.
+/// The child's stack: the children here call a few libc functions only.
 const CHILD_STACK: usize = 32 * 1024;
 
-/// Starts the worker as a `CLONE_VM | CLONE_VFORK` child, which shares the
-/// supervisor's memory until its `execve` (this thread waits until then),
-/// and returns its pid and pidfd.
+/// Runs `f(arg)` as a `CLONE_VM | CLONE_VFORK` child, which shares the
+/// supervisor's memory until it execs or exits (this thread waits until
+/// then), and returns its pid and pidfd (`CLONE_PIDFD`).
+///
+/// # Safety
+/// `f` may only make async-signal-safe calls, must not allocate, panic or
+/// use more than [`CHILD_STACK`] bytes of stack, and must exec or `_exit`;
+/// `arg` must stay valid until it has.
+unsafe fn clone_vfork(
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> io::Result<(libc::pid_t, OwnedFd)> {
+    let mut stack = Box::<[u8]>::new_uninit_slice(CHILD_STACK);
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: the child runs on its own stack, which outlives it (this
+    // thread waits for its exec or exit). With every signal blocked around
+    // the clone, no handler of the supervisor runs in the child unless the
+    // child unblocks signals itself.
+    unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let pid = libc::clone(
+            f,
+            top.map_addr(|a| a & !15),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            arg,
+            &raw mut pidfd,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::pid_t>(),
+        );
+        let clone_err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(clone_err);
+        }
+        if pidfd < 0 {
+            // A kernel before 5.2 ignores CLONE_PIDFD.
+            libc::waitpid(pid, &mut 0, 0);
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        Ok((pid, OwnedFd::from_raw_fd(pidfd)))
+    }
+}
+
+/// Starts the worker through [`clone_vfork`] and [`child`], and returns its
+/// pid and pidfd.
 ///
 /// # Safety
 /// `argv` and `envp` are NULL-terminated arrays of pointers to C strings
@@ -359,36 +399,13 @@ unsafe fn clone_exec(
         envp: envp.as_ptr(),
         dir,
         fds,
+        rt: libc::SIGRTMIN()..=libc::SIGRTMAX(),
         err: 0,
     };
-    let mut stack = Box::<[u8]>::new_uninit_slice(CHILD_STACK);
-    let mut pidfd: libc::c_int = -1;
-    // SAFETY: the child runs on its own stack and touches only `plan`,
-    // which lives until it has exec'd or exited (this thread waits for
-    // that), and the strings `plan` points to. With every signal blocked
-    // around the clone, no handler of the supervisor runs in the child
-    // before it has put the handled ones back to their defaults.
+    // SAFETY: `child` keeps to clone_vfork's rules; `plan` and what it
+    // points to live through the call.
     unsafe {
-        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let pid = libc::clone(
-            child,
-            top.map_addr(|a| a & !15),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
-            (&raw mut plan).cast(),
-            &raw mut pidfd,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::pid_t>(),
-        );
-        let clone_err = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        if pid < 0 {
-            return Err(clone_err);
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd);
+        let (pid, pidfd) = clone_vfork(child, (&raw mut plan).cast())?;
         let err = std::ptr::read_volatile(&raw const plan.err);
         if err != 0 {
             // The child has exited without exec'ing: reap it.
@@ -406,11 +423,12 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     unsafe {
         let plan = &mut *arg.cast::<ChildPlan>();
         // Handled signals go back to their default before any is unblocked;
-        // ignored ones stay ignored, except SIGPIPE. Real-time signals have
-        // no handler in the supervisor.
+        // ignored ones stay ignored, except SIGPIPE. glibc's own signals,
+        // between the standard and the real-time ones, are left as they are:
+        // glibc sends them only to the supervisor's threads.
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..32 {
+        for sig in (1..32).chain(plan.rt.clone()) {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
@@ -436,7 +454,8 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             libc::execve(plan.program.as_ptr(), plan.argv, plan.envp);
         }
-        std::ptr::write_volatile(&raw mut plan.err, *libc::__errno_location());
+        let err = *libc::__errno_location();
+        std::ptr::write_volatile(&raw mut plan.err, if err == 0 { libc::ECHILD } else { err });
         libc::_exit(127)
     }
 }
