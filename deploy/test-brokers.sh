@@ -216,12 +216,15 @@ settle_node() {
 up() {
     ensure_chroot
     ensure_mounts
-    local n
+    local n members
     for n in $(nodes_of "$1"); do start_node "$n"; done
     for n in $(nodes_of "$1"); do settle_node "$n"; done
     if [ "$1" = cluster ]; then
         for n in rabbit82 rabbit83; do
-            if ! ctl "$n" cluster_status 2>/dev/null | grep -q rabbit81@localhost; then
+            # Read whole first: `grep -q` stopping early would break the
+            # pipe under rabbitmqctl, and pipefail would call that a miss.
+            members=$(ctl "$n" cluster_status 2>/dev/null || true)
+            if ! grep -q rabbit81@localhost <<<"$members"; then
                 say "joining $n to rabbit81"
                 ctl "$n" stop_app >/dev/null
                 ctl "$n" reset >/dev/null
