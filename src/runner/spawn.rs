@@ -17,7 +17,7 @@
 //! nearly every signal there, handled or not, about 125 system calls while
 //! the supervisor's thread waits, and checks the descriptor limit six
 //! times. The child here only asks for each action and sets the handled
-//! ones (about 70 calls, 4 of them sets), and `CLONE_PIDFD` hands over the
+//! ones (about 70 calls, a few of them sets), and `CLONE_PIDFD` hands over the
 //! worker's pidfd with its pid, so that a worker is never started without
 //! one. Unlike `posix_spawn`, it leaves glibc's two internal signals (32
 //! and 33) as the supervisor has them rather than ignored, as fork and exec
@@ -179,13 +179,13 @@ pub fn usable(program: &str, fds: [RawFd; 3]) -> bool {
     program.contains('/') && fds.iter().all(|&fd| fd > 2) && pidfds()
 }
 
-/// Whether this kernel (and seccomp policy) gives pidfds, from `clone`
-/// and `pidfd_open`: tried once on this process, with a child that exits at
+/// Whether this kernel (and seccomp policy) gives pidfds from `clone` and
+/// waits on them: tried once on this process, with a child that exits at
 /// once.
 fn pidfds() -> bool {
     static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WORKS.get_or_init(|| {
-        let works = pidfd_open(std::process::id() as libc::pid_t).is_ok() && clone_works();
+        let works = clone_works();
         if !works {
             tracing::debug!("no pidfds here: workers are started through std's Command");
         }
@@ -303,17 +303,6 @@ pub fn spawn<K: AsRef<str>, V: AsRef<str>>(
         pidfd,
         status: None,
     })
-}
-
-fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: the syscall takes a pid and flags, and returns a new
-    // descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// What the child of [`clone_exec`] reads, and where it leaves the error
