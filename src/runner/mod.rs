@@ -14,7 +14,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use nix::unistd::pipe2;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -130,7 +130,11 @@ pub async fn run(
         stderr,
     } = pipes;
     let spawning = crate::reaper::spawning();
-    let child_fds = spawn::raw([&child_stdin, &child_stdout, &child_stderr]);
+    let child_fds = [
+        child_stdin.as_raw_fd(),
+        child_stdout.as_raw_fd(),
+        child_stderr.as_raw_fd(),
+    ];
     // Straight through a vfork-style clone when no hook between fork and
     // exec is needed; else through Command, which runs the sandbox's hook.
     let spawned = if *job.sandbox == Sandbox::default() && spawn::usable(&job.command[0], child_fds)
@@ -153,7 +157,10 @@ pub async fn run(
             .envs(job.base_env.pairs().iter().map(|(k, v)| (k, v)))
             .envs(job.message_env.iter().map(|(k, v)| (k, v.as_ref())))
             .stdin(Stdio::from(child_stdin))
-            .stdout(Stdio::from(child_stdout))
+            .stdout(match child_stdout {
+                ChildStdout::Pipe(fd) => Stdio::from(fd),
+                ChildStdout::Null(_) => Stdio::null(),
+            })
             .stderr(Stdio::from(child_stderr))
             .process_group(0)
             .kill_on_drop(true);
@@ -476,7 +483,7 @@ pub fn signal_group(pgid: i32, sig: Signal) {
 /// feed stdin; only the rest of a larger body is written while the worker runs.
 struct Pipes {
     child_stdin: OwnedFd,
-    child_stdout: OwnedFd,
+    child_stdout: ChildStdout,
     child_stderr: OwnedFd,
     /// The write end and how much of the body it already holds, when the
     /// body did not fit whole.
@@ -498,10 +505,10 @@ impl Pipes {
             Some((pipe::Sender::from_owned_fd_unchecked(stdin_w)?, written))
         };
         let (stdout, child_stdout) = match (stdout_wanted, dev_null()) {
-            (false, Some(null)) => (None, null.try_clone_to_owned()?),
+            (false, Some(null)) => (None, ChildStdout::Null(null)),
             _ => {
                 let (r, w) = Self::output()?;
-                (Some(r), w)
+                (Some(r), ChildStdout::Pipe(w))
             }
         };
         let (stderr, child_stderr) = Self::output()?;
@@ -524,17 +531,40 @@ impl Pipes {
     }
 }
 
-/// `/dev/null`, opened once; None when it cannot be opened (then stdout
-/// gets a pipe, read and discarded).
-fn dev_null() -> Option<std::os::fd::BorrowedFd<'static>> {
+/// The worker's stdout: a pipe's write end, or the supervisor's one
+/// `/dev/null`, shared by every worker (the clone start dup2s it; no copy
+/// per job).
+enum ChildStdout {
+    Pipe(OwnedFd),
+    Null(BorrowedFd<'static>),
+}
+
+impl AsRawFd for ChildStdout {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            ChildStdout::Pipe(fd) => fd.as_raw_fd(),
+            ChildStdout::Null(fd) => fd.as_raw_fd(),
+        }
+    }
+}
+
+/// `/dev/null`, opened once, as a descriptor above 2 (the clone start takes
+/// only those); None when it cannot be opened (then stdout gets a pipe,
+/// read and discarded).
+fn dev_null() -> Option<BorrowedFd<'static>> {
     use std::os::fd::AsFd;
     static NULL: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
     NULL.get_or_init(|| {
-        std::fs::OpenOptions::new()
+        let null = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/null")
             .ok()
-            .map(OwnedFd::from)
+            .map(OwnedFd::from)?;
+        if null.as_raw_fd() > 2 {
+            return Some(null);
+        }
+        // Started with a standard descriptor closed: move it out of the way.
+        null.as_fd().try_clone_to_owned().ok()
     })
     .as_ref()
     .map(|fd| fd.as_fd())

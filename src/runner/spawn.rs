@@ -449,14 +449,14 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-/// The raw descriptors of the three child ends.
-pub fn raw(fds: [&OwnedFd; 3]) -> [RawFd; 3] {
-    fds.map(|f| f.as_raw_fd())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The raw descriptors of the three child ends.
+    fn raw(fds: [&OwnedFd; 3]) -> [RawFd; 3] {
+        fds.map(|f| f.as_raw_fd())
+    }
 
     const NONE: &[(&str, &str)] = &[];
 
