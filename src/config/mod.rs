@@ -252,6 +252,14 @@ pub struct Sandbox {
     pub core_size: Option<u64>,
 }
 
+impl Sandbox {
+    /// Whether the queue sets none of these: its workers need no hook
+    /// between fork and exec.
+    pub fn is_unset(&self) -> bool {
+        *self == Sandbox::default()
+    }
+}
+
 /// `queue_type`: RabbitMQ's queue types amqp-exec declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]

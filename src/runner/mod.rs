@@ -137,8 +137,7 @@ pub async fn run(
     ];
     // Straight through a vfork-style clone when no hook between fork and
     // exec is needed; else through Command, which runs the sandbox's hook.
-    let spawned = if *job.sandbox == Sandbox::default() && spawn::usable(&job.command[0], child_fds)
-    {
+    let spawned = if job.sandbox.is_unset() && spawn::usable(&job.command[0], child_fds) {
         let spawned = spawn::spawn(
             job.command,
             job.base_env,
@@ -350,7 +349,7 @@ impl Child {
 /// niceness first, while still privileged, then the identity switch
 /// (supplementary groups, group, user).
 fn apply_sandbox(cmd: &mut Command, sandbox: &Sandbox) {
-    if *sandbox == Sandbox::default() {
+    if sandbox.is_unset() {
         return;
     }
     let (memory, files, cpu, nice, core) = (
