@@ -153,19 +153,7 @@ impl Drop for Child {
                 // Not dead yet: reaped off the runtime once it is, if a
                 // thread can be had (else it stays a zombie until exit).
                 if let Ok(dup) = self.pidfd.get_ref().try_clone() {
-                    let _ = std::thread::Builder::new().spawn(move || {
-                        // The pidfd from clone blocks: waitid waits.
-                        let mut info: libc::siginfo_t = std::mem::zeroed();
-                        while libc::waitid(
-                            libc::P_PIDFD,
-                            dup.as_raw_fd() as libc::id_t,
-                            &mut info,
-                            libc::WEXITED,
-                        ) != 0
-                            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-                        {
-                        }
-                    });
+                    let _ = std::thread::Builder::new().spawn(move || reap(&dup));
                 }
             }
         }
@@ -202,19 +190,31 @@ fn clone_works() -> bool {
     }
     // SAFETY: the child only exits.
     match unsafe { clone_vfork(exit_now, std::ptr::null_mut()) } {
-        Ok((_, pidfd)) => {
-            // SAFETY: waitid on a pidfd we own; the kernel writes `info`.
-            unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::waitid(
-                    libc::P_PIDFD,
-                    pidfd.as_raw_fd() as libc::id_t,
-                    &mut info,
-                    libc::WEXITED,
-                ) == 0
-            }
-        }
+        Ok((_, pidfd)) => reap(&pidfd),
         Err(_) => false,
+    }
+}
+
+/// Waits for the child of `pidfd` to exit, and reaps it: whether that
+/// worked. A pidfd from `clone` blocks, so `waitid` waits.
+fn reap(pidfd: &OwnedFd) -> bool {
+    loop {
+        // SAFETY: waitid on a pidfd we own; the kernel writes `info`.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r == 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
     }
 }
 
