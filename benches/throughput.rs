@@ -317,20 +317,25 @@ fn run_binary(bin: &str, config: &str, n: usize, env: &[(&str, &str)]) -> Ours {
     let pid = child.id() as i32;
     let mut peak = 0;
     // Wait for the exit without reaping, so that /proc still has its times.
+    // The exit's time is taken by the waiter, not at the next poll of the
+    // memory below, which would add up to a polling period to the run.
     let waiter = std::thread::spawn(move || {
         use nix::sys::wait::{Id, WaitPidFlag, waitid};
         let _ = waitid(
             Id::Pid(nix::unistd::Pid::from_raw(pid)),
             WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
         );
+        Instant::now()
     });
     while !waiter.is_finished() {
         if let Some(k) = peak_rss_kib(pid) {
             peak = peak.max(k);
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // VmHWM is the peak so far: polled sparingly, so that reading it
+        // takes little of the cores the run is measured on.
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let elapsed = start.elapsed();
+    let elapsed = waiter.join().expect("waiter thread") - start;
     let cpu = own_cpu_us(pid).unwrap_or(f64::NAN);
     let broker_cpu = match (broker.and_then(own_cpu_us), broker_cpu) {
         (Some(after), Some(before)) => after - before,

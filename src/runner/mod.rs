@@ -6,6 +6,11 @@
 //! Every worker is the leader of its own process group. When the worker
 //! exits, anything it left behind in that group (background children holding
 //! its pipes, say) is killed, so no stray process outlives its job.
+//!
+//! A worker's exit closes its output, so the runner looks for the exit
+//! when the output ends, and waits on the runtime for it only when the
+//! worker has not exited by then, or is still running 100 ms
+//! after its start (its output may stay open after its exit).
 
 use crate::config::Sandbox;
 use crate::policy::Outcome;
@@ -35,6 +40,11 @@ pub const MAX_LOG_LINE: usize = 8192;
 /// How long pipes may stay open after the worker's process group was killed
 /// (only a process that left the group can hold them) before reading stops.
 pub const PIPE_DRAIN_LIMIT: Duration = Duration::from_secs(1);
+/// A worker's exit ends its output, and a job is reaped when its output
+/// ends. A worker that keeps running with its output closed, or that
+/// exits while a process it started holds its output, is watched for its
+/// exit from this long after its start.
+const WATCH_EXIT_AFTER: Duration = Duration::from_millis(100);
 
 /// Fields attached to every log line of a job.
 #[derive(Debug, Clone)]
@@ -231,6 +241,9 @@ pub async fn run(
         }
         let deadline = tokio::time::sleep(job.timeout);
         tokio::pin!(deadline);
+        let watch_after = tokio::time::sleep(WATCH_EXIT_AFTER);
+        tokio::pin!(watch_after);
+        let mut watch_exit = false;
         let interrupted = async {
             match connection_lost {
                 Some(lost) => tokio::select! {
@@ -243,8 +256,16 @@ pub async fn run(
         tokio::pin!(interrupted);
         let stop = loop {
             tokio::select! {
-                _ = &mut io, if !io_done => io_done = true,
-                status = child.wait() => break Stop::Exited(status),
+                _ = &mut io, if !io_done => {
+                    io_done = true;
+                    match child.try_wait() {
+                        Ok(Some(status)) => break Stop::Exited(Ok(status)),
+                        Ok(None) => watch_exit = true,
+                        Err(e) => break Stop::Exited(Err(e)),
+                    }
+                }
+                status = child.wait(), if watch_exit => break Stop::Exited(status),
+                _ = &mut watch_after, if !watch_exit => watch_exit = true,
                 _ = &mut deadline => break Stop::Timeout,
                 _ = &mut interrupted => break Stop::Interrupted,
             }
@@ -332,6 +353,14 @@ impl Child {
         match self {
             Child::Direct(c) => Some(c.id()),
             Child::Tokio(c) => c.id(),
+        }
+    }
+
+    /// The exit status if the worker has exited, without waiting.
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        match self {
+            Child::Direct(c) => c.try_wait(),
+            Child::Tokio(c) => c.try_wait(),
         }
     }
 
@@ -1014,6 +1043,40 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Timeout);
         let grandchild: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
         assert!(!running(grandchild), "grandchild survived");
+    }
+
+    /// A worker that closes its output and runs on is reaped at its exit,
+    /// with its status, not when its output ends.
+    #[tokio::test]
+    async fn a_worker_that_closes_its_output_is_waited_for() {
+        let log = ctx();
+        let cmd = argv(&["/bin/sh", "-c", "exec >&- 2>&-; sleep 0.3; exit 3"]);
+        let r = run(job(&cmd, b"", &log), &CancellationToken::new(), None).await;
+        assert_eq!(r.outcome, Outcome::Exit(3));
+        assert!(r.elapsed >= Duration::from_millis(300), "{:?}", r.elapsed);
+    }
+
+    /// A worker whose output stays open after its exit (a process it
+    /// started holds it, outside its group) still ends its job at once,
+    /// not at the job's timeout.
+    #[tokio::test]
+    async fn an_exit_with_output_held_elsewhere_ends_the_job() {
+        let log = ctx();
+        let cmd = argv(&["/bin/sh", "-c", "setsid sleep 2 & echo $!; exit 4"]);
+        let mut j = job(&cmd, b"", &log);
+        j.timeout = Duration::from_secs(30);
+        let r = run(j, &CancellationToken::new(), None).await;
+        assert_eq!(r.outcome, Outcome::Exit(4));
+        let outside: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+        // SAFETY: a signal to the process the test started.
+        unsafe { nix::libc::kill(outside, nix::libc::SIGKILL) };
+        // The exit is seen within WATCH_EXIT_AFTER; the rest is the pipe
+        // drain, which ends at PIPE_DRAIN_LIMIT.
+        assert!(
+            r.elapsed < PIPE_DRAIN_LIMIT + Duration::from_millis(900),
+            "{:?}",
+            r.elapsed
+        );
     }
 
     #[tokio::test]

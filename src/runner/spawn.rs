@@ -83,8 +83,29 @@ impl Default for BaseEnv {
 /// reaped when dropped before its exit was collected.
 pub struct Child {
     pid: libc::pid_t,
-    pidfd: AsyncFd<OwnedFd>,
+    pidfd: PidFd,
     status: Option<ExitStatus>,
+}
+
+/// A worker's pidfd, registered with the runtime only when [`Child::wait`]
+/// first waits: a worker reaped by [`Child::try_wait`] once its output has
+/// ended (the usual end of a job) never is, which spares two `epoll_ctl`
+/// calls and a wake-up of the runtime per job.
+enum PidFd {
+    Idle(OwnedFd),
+    Watched(AsyncFd<OwnedFd>),
+    /// Only while [`Child::watch`] moves the descriptor.
+    Moving,
+}
+
+impl PidFd {
+    fn fd(&self) -> &OwnedFd {
+        match self {
+            PidFd::Idle(fd) => fd,
+            PidFd::Watched(fd) => fd.get_ref(),
+            PidFd::Moving => unreachable!("the pidfd is only moving inside Child::watch"),
+        }
+    }
 }
 
 impl Child {
@@ -92,19 +113,18 @@ impl Child {
         self.pid as u32
     }
 
-    /// Waits for the worker's exit and reaps it; cancel-safe, and again
-    /// after the exit gives the same status.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+    /// The worker's exit status if it has exited (and reaps it), without
+    /// waiting; again after the exit gives the same status.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if let Some(s) = self.status {
-            return Ok(s);
+            return Ok(Some(s));
         }
         loop {
-            let mut ready = self.pidfd.readable().await?;
             let mut raw = 0;
             // SAFETY: waitpid on our own child, not yet reaped.
             let r = unsafe { libc::waitpid(self.pid, &mut raw, libc::WNOHANG) };
             match r {
-                0 => ready.clear_ready(),
+                0 => return Ok(None),
                 -1 => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
@@ -114,10 +134,48 @@ impl Child {
                 _ => {
                     let s = ExitStatus::from_raw(raw);
                     self.status = Some(s);
-                    return Ok(s);
+                    return Ok(Some(s));
                 }
             }
         }
+    }
+
+    /// Waits for the worker's exit and reaps it; cancel-safe, and again
+    /// after the exit gives the same status.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(s);
+            }
+            self.watch()?;
+            let PidFd::Watched(fd) = &self.pidfd else {
+                unreachable!("watched above");
+            };
+            let mut ready = fd.readable().await?;
+            ready.clear_ready();
+        }
+    }
+
+    /// Registers the pidfd with the runtime, once.
+    fn watch(&mut self) -> io::Result<()> {
+        if matches!(self.pidfd, PidFd::Watched(_)) {
+            return Ok(());
+        }
+        let PidFd::Idle(fd) = std::mem::replace(&mut self.pidfd, PidFd::Moving) else {
+            unreachable!("checked above");
+        };
+        // SAFETY: the descriptor is owned by the AsyncFd, and stays open
+        // until it is dropped.
+        let (pidfd, result) =
+            match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+                Ok(fd) => (PidFd::Watched(fd), Ok(())),
+                Err(e) => {
+                    let (fd, e) = e.into_parts();
+                    (PidFd::Idle(fd), Err(e))
+                }
+            };
+        self.pidfd = pidfd;
+        result
     }
 }
 
@@ -130,7 +188,7 @@ impl Drop for Child {
         if self.status.is_some() {
             return;
         }
-        let fd = self.pidfd.get_ref().as_raw_fd();
+        let fd = self.pidfd.fd().as_raw_fd();
         // SAFETY: pidfd_send_signal and waitid on a pidfd we own; the
         // siginfo is written by the kernel only.
         unsafe {
@@ -152,7 +210,7 @@ impl Drop for Child {
             {
                 // Not dead yet: reaped off the runtime once it is, if a
                 // thread can be had (else it stays a zombie until exit).
-                if let Ok(dup) = self.pidfd.get_ref().try_clone() {
+                if let Ok(dup) = self.pidfd.fd().try_clone() {
                     let _ = std::thread::Builder::new().spawn(move || reap(&dup));
                 }
             }
@@ -181,8 +239,9 @@ fn pidfds() -> bool {
     })
 }
 
-/// Starts a child that exits at once, as [`spawn`] starts workers, and
-/// reaps it through its pidfd, as [`Child`]'s drop does.
+/// Starts a child that exits at once, as [`spawn`] starts workers, checks
+/// that its pidfd can be watched with epoll (as the runtime watches it),
+/// and reaps it through the pidfd, as [`Child`]'s drop does.
 fn clone_works() -> bool {
     extern "C" fn exit_now(_: *mut libc::c_void) -> libc::c_int {
         // SAFETY: ends the child without touching the parent's memory.
@@ -190,8 +249,35 @@ fn clone_works() -> bool {
     }
     // SAFETY: the child only exits.
     match unsafe { clone_vfork(exit_now, std::ptr::null_mut()) } {
-        Ok((_, pidfd)) => reap(&pidfd),
+        Ok((_, pidfd)) => {
+            let pollable = epoll_takes(&pidfd);
+            reap(&pidfd) && pollable
+        }
         Err(_) => false,
+    }
+}
+
+/// Whether an epoll instance accepts `fd` (a pidfd, on kernels from 5.3).
+fn epoll_takes(fd: &OwnedFd) -> bool {
+    // SAFETY: a new epoll descriptor, owned here and closed on return.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+    let mut event = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: both descriptors are open; the kernel reads `event`.
+    unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd.as_raw_fd(),
+            &mut event,
+        ) == 0
     }
 }
 
@@ -284,23 +370,9 @@ pub fn spawn<K: AsRef<str>, V: AsRef<str>>(
     // SAFETY: every pointer handed to the child points into `args`, `own`,
     // `base_entries` or `dir`, which outlive the call.
     let (pid, pidfd) = unsafe { clone_exec(&args[0], &argp, &envp, dir.as_deref(), fds)? };
-    // SAFETY: the descriptor is owned by the AsyncFd, and stays open until
-    // it is dropped.
-    let pidfd = match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            let e = io::Error::from(e);
-            // SAFETY: our own child, not yet reaped, the leader of its group.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut 0, 0);
-            }
-            return Err(e);
-        }
-    };
     Ok(Child {
         pid,
-        pidfd,
+        pidfd: PidFd::Idle(pidfd),
         status: None,
     })
 }
