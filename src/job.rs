@@ -535,17 +535,20 @@ async fn execute(
     log: &LogContext,
     trace: &JobTrace,
 ) -> Settled {
+    // The republish and the reply are boxed: their futures are large, and
+    // inline they would make every job's future (moved whole when its task
+    // is spawned) as large, though most jobs only ack.
     if let Some(r) = &plan.republish
         && let Err(e) = trace
             .send(&r.queue)
-            .around(republish(
+            .around(Box::pin(republish(
                 settler,
                 queue,
                 &r.queue,
                 &delivery.data,
                 &r.properties,
                 log,
-            ))
+            )))
             .await
     {
         tracing::error!(
@@ -579,13 +582,13 @@ async fn execute(
                 "worker output exceeds max_reply_bytes; the reply is cut");
         }
         let to = reply.to.as_str();
-        let sent = publish::publish_reply(
+        let sent = Box::pin(publish::publish_reply(
             &settler.channel,
             to,
             body,
             reply.properties.clone(),
             reply.mandatory,
-        );
+        ));
         match trace.send(to).around(sent).await {
             Ok(()) => {}
             Err(e @ (PublishError::Broker(_) | PublishError::TimedOut)) => {
