@@ -83,29 +83,14 @@ impl Default for BaseEnv {
 /// reaped when dropped before its exit was collected.
 pub struct Child {
     pid: libc::pid_t,
-    pidfd: PidFd,
+    /// The pidfd registered with the runtime, only once [`Child::wait`]
+    /// first waits: a worker reaped by [`Child::try_wait`] once its output
+    /// has ended (the usual end of a job) never is, which spares two
+    /// `epoll_ctl` calls and a wake-up of the runtime per job. Declared
+    /// before `pidfd`, so dropped before the descriptor closes.
+    watched: Option<AsyncFd<RawFd>>,
+    pidfd: OwnedFd,
     status: Option<ExitStatus>,
-}
-
-/// A worker's pidfd, registered with the runtime only when [`Child::wait`]
-/// first waits: a worker reaped by [`Child::try_wait`] once its output has
-/// ended (the usual end of a job) never is, which spares two `epoll_ctl`
-/// calls and a wake-up of the runtime per job.
-enum PidFd {
-    Idle(OwnedFd),
-    Watched(AsyncFd<OwnedFd>),
-    /// Only while [`Child::watch`] moves the descriptor.
-    Moving,
-}
-
-impl PidFd {
-    fn fd(&self) -> &OwnedFd {
-        match self {
-            PidFd::Idle(fd) => fd,
-            PidFd::Watched(fd) => fd.get_ref(),
-            PidFd::Moving => unreachable!("the pidfd is only moving inside Child::watch"),
-        }
-    }
 }
 
 impl Child {
@@ -147,35 +132,17 @@ impl Child {
             if let Some(s) = self.try_wait()? {
                 return Ok(s);
             }
-            self.watch()?;
-            let PidFd::Watched(fd) = &self.pidfd else {
-                unreachable!("watched above");
+            let watched = match &mut self.watched {
+                Some(w) => w,
+                // SAFETY: `pidfd` stays open while the AsyncFd lives: it is
+                // dropped first (field order).
+                None => self.watched.insert(unsafe {
+                    AsyncFd::register_with_interest(self.pidfd.as_raw_fd(), Interest::READABLE)
+                        .map_err(io::Error::from)?
+                }),
             };
-            let mut ready = fd.readable().await?;
-            ready.clear_ready();
+            watched.readable().await?.clear_ready();
         }
-    }
-
-    /// Registers the pidfd with the runtime, once.
-    fn watch(&mut self) -> io::Result<()> {
-        if matches!(self.pidfd, PidFd::Watched(_)) {
-            return Ok(());
-        }
-        let PidFd::Idle(fd) = std::mem::replace(&mut self.pidfd, PidFd::Moving) else {
-            unreachable!("checked above");
-        };
-        // SAFETY: the descriptor is owned by the AsyncFd, and stays open
-        // until it is dropped.
-        let (pidfd, result) =
-            match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-                Ok(fd) => (PidFd::Watched(fd), Ok(())),
-                Err(e) => {
-                    let (fd, e) = e.into_parts();
-                    (PidFd::Idle(fd), Err(e))
-                }
-            };
-        self.pidfd = pidfd;
-        result
     }
 }
 
@@ -188,7 +155,7 @@ impl Drop for Child {
         if self.status.is_some() {
             return;
         }
-        let fd = self.pidfd.fd().as_raw_fd();
+        let fd = self.pidfd.as_raw_fd();
         // SAFETY: pidfd_send_signal and waitid on a pidfd we own; the
         // siginfo is written by the kernel only.
         unsafe {
@@ -210,7 +177,7 @@ impl Drop for Child {
             {
                 // Not dead yet: reaped off the runtime once it is, if a
                 // thread can be had (else it stays a zombie until exit).
-                if let Ok(dup) = self.pidfd.fd().try_clone() {
+                if let Ok(dup) = self.pidfd.try_clone() {
                     let _ = std::thread::Builder::new().spawn(move || reap(&dup));
                 }
             }
@@ -372,7 +339,8 @@ pub fn spawn<K: AsRef<str>, V: AsRef<str>>(
     let (pid, pidfd) = unsafe { clone_exec(&args[0], &argp, &envp, dir.as_deref(), fds)? };
     Ok(Child {
         pid,
-        pidfd: PidFd::Idle(pidfd),
+        watched: None,
+        pidfd,
         status: None,
     })
 }
